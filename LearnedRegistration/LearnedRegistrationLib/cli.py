@@ -1,0 +1,397 @@
+"""Command-line front door: ``learnedreg register ...`` runs the Slicer logic headless and writes files.
+
+Example::
+
+    learnedreg register --fixed MRBrainTumor1.nii.gz --moving MRBrainTumor2.nii.gz --output-dir out
+    learnedreg register --output-dir demo-out          # the built-in demo (known true displacement)
+
+The inputs are loaded into a headless slicer-core scene as nodes and registered with
+:meth:`LearnedRegistrationLogic.register`, exactly as in Slicer. The output folder receives:
+
+=====================  ===========================================================================
+warped.nrrd            moving image resampled on the fixed grid
+displacement.nrrd      3-component vector volume, RAS mm (Slicer's vector-volume convention)
+transform.h5           ITK displacement-field transform (LPS, as ITK/ANTs/SimpleITK expect), the
+                       resampling transform fixed -> moving: ``warped(x) = moving(T(x))``
+checkerboard.nrrd      fixed / warped checkerboard
+difference.nrrd        warped - fixed
+jacobian.nrrd          Jacobian determinant of x -> x + d(x)
+lambda_map.nrrd        regularization weight per voxel
+warped_labels.nrrd     moving labels warped with nearest neighbour (with --moving-labels)
+scene.mrb              all of the above plus the inputs, as a Slicer scene
+metrics.json           Dice/HD95 (labels), TRE (landmarks), folding %, SDlogJ, runtime, device, λ,
+                       and for the demo the error against the known displacement
+=====================  ===========================================================================
+
+Everything is written into a temporary folder next to the output folder and moved into place at
+the end, so a failure or Ctrl-C leaves no half-written output. User errors print one line and
+exit with status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+#: Output file names, in the order they are written.
+OUTPUT_FILES = {
+    "warpedVolumeNode": "warped.nrrd",
+    "displacementVolumeNode": "displacement.nrrd",
+    "transformNode": "transform.h5",
+    "checkerboardVolumeNode": "checkerboard.nrrd",
+    "differenceVolumeNode": "difference.nrrd",
+    "jacobianVolumeNode": "jacobian.nrrd",
+    "lambdaMapVolumeNode": "lambda_map.nrrd",
+    "warpedLabelNode": "warped_labels.nrrd",
+}
+SCENE_FILE = "scene.mrb"
+METRICS_FILE = "metrics.json"
+
+
+class UserError(Exception):
+    """An error the user can fix (bad path, bad option); reported in one line, exit status 2."""
+
+
+def _default_labels_key(table: dict) -> str:
+    lists = [key for key, value in table.items() if isinstance(value, list)]
+    if not lists:
+        raise UserError("the labels JSON file holds no list of label values")
+    return "voxelmorph_eval_labels_30" if "voxelmorph_eval_labels_30" in lists else lists[0]
+
+
+def parse_evaluation_labels(eval_labels: Optional[str], labels_json: Optional[str], labels_key: Optional[str]):
+    """Label values to score, from ``--eval-labels 2,3,4`` or ``--labels-json FILE [--labels-key KEY]``.
+
+    Returns None (score every label present) when neither is given.
+
+    Raises:
+        UserError: unreadable file, missing key, or values that are not integers.
+    """
+    if eval_labels and labels_json:
+        raise UserError("give either --eval-labels or --labels-json, not both")
+    if eval_labels:
+        try:
+            return [int(v) for v in eval_labels.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise UserError(f"--eval-labels must be a comma-separated list of integers, got {eval_labels!r}") from None
+    if labels_json:
+        try:
+            table = json.loads(Path(labels_json).read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read the labels JSON file '{labels_json}': {error}") from None
+        if not isinstance(table, dict):
+            raise UserError(f"'{labels_json}' must hold a JSON object of label lists")
+        key = labels_key or _default_labels_key(table)
+        if key not in table:
+            raise UserError(f"'{labels_json}' has no key '{key}' (keys: {', '.join(table)})")
+        try:
+            return [int(v) for v in table[key]]
+        except (TypeError, ValueError):
+            raise UserError(f"'{labels_json}' key '{key}' must be a list of integer labels") from None
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="learnedreg",
+        description="Deformable image registration with a user-controlled regularization weight (3D Slicer logic, headless).",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    register = commands.add_parser(
+        "register",
+        help="register a moving image to a fixed image (or run the built-in demo)",
+        description="Register MOVING to FIXED and write the results into OUTPUT_DIR. "
+        "Without --fixed/--moving, runs the built-in demo pair and reports the error against its known displacement.",
+    )
+    register.add_argument("--fixed", help="fixed image (NRRD, NIfTI, MHA, ... any ITK format)")
+    register.add_argument("--moving", help="moving image")
+    register.add_argument("--output-dir", required=True, help="folder for the results (created; existing files replaced)")
+    register.add_argument("--fixed-labels", help="label map on the fixed image's grid (for Dice/HD95)")
+    register.add_argument("--moving-labels", help="label map on the moving image's grid (warped to warped_labels.nrrd)")
+    register.add_argument("--fixed-mask", help="mask on the fixed image's grid: similarity only where it is non-zero")
+    register.add_argument("--lambda-map", help="per-voxel regularization map in [0, 1] (scalar image)")
+    register.add_argument("--fixed-landmarks", help="fixed landmarks (.mrk.json or .fcsv) for TRE")
+    register.add_argument("--moving-landmarks", help="corresponding moving landmarks, same order")
+    register.add_argument(
+        "--lambda", dest="regularization_weight", type=float, default=None,
+        help="regularization weight λ in [0, 1] (0: similarity only, 1: no deformation; default: the engine's)",
+    )
+    register.add_argument("--similarity", default="lncc", choices=["lncc", "mse", "ncc", "ngf", "mi"], help="similarity measure (default lncc)")
+    register.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    register.add_argument("--eval-labels", help="comma-separated label values to score (default: every label present)")
+    register.add_argument("--labels-json", help="JSON file with lists of label values to score")
+    register.add_argument("--labels-key", help="key of the list in --labels-json (default: voxelmorph_eval_labels_30, else the first list)")
+    register.add_argument(
+        "--initialization", default="com", choices=["com", "moments", "none"],
+        help="initial alignment: centres of mass (default), principal axes, or none (trust the image positions)",
+    )
+    register.add_argument("--working-spacing", type=float, default=None, help="finest registration spacing in mm")
+    register.add_argument("--quiet", action="store_true", help="no progress bar")
+    register.add_argument("--verbose", action="store_true", help="show VTK/Slicer log messages (hidden by default)")
+    # Hidden: for tests and quick looks.
+    register.add_argument("--iteration-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    register.add_argument("--demo-size", type=int, default=64, help=argparse.SUPPRESS)
+    register.add_argument("--demo-seed", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ output folder
+def prepare_output(output_dir: str) -> tuple[Path, Path]:
+    """Check that ``output_dir`` can be written and make a staging folder next to it.
+
+    Returns:
+        ``(output_dir, staging_dir)``; the staging folder is in the output folder's parent (the
+        same file system, so the final move is a rename).
+
+    Raises:
+        UserError: the path is a file, its parent cannot be created, or it is not writable.
+    """
+    output = Path(output_dir).expanduser().absolute()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"the output folder '{output}' exists and is not a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.learnedreg-", dir=output.parent))
+    except OSError as error:
+        raise UserError(f"cannot write the output folder '{output}': {error.strerror or error}") from None
+    if output.is_dir():
+        probe = output / f".learnedreg-write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UserError(f"cannot write the output folder '{output}': {error.strerror or error}") from None
+    return output, staging
+
+
+def publish_output(staging: Path, output: Path) -> None:
+    """Move the staged files into ``output`` (a rename of the whole folder when it does not exist yet)."""
+    if not output.exists():
+        # mkdtemp made the staging folder private (0700); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        os.replace(staging, output)
+        return
+    for item in staging.iterdir():
+        target = output / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+
+
+# ------------------------------------------------------------------------------------------ run
+class _ProgressBar:
+    """tqdm bar driven by (fraction, message) callbacks."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc="registering", unit="‰", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.bar is not None:
+            self.bar.n = int(round(1000 * min(max(fraction, 0.0), 1.0)))
+            self.bar.set_postfix_str(message, refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _load_inputs(slicer_app, args) -> dict:
+    """Load the files named on the command line into nodes; returns the node keyword arguments."""
+    if bool(args.fixed) != bool(args.moving):
+        raise UserError("give both --fixed and --moving (or neither, for the built-in demo)")
+    nodes = {
+        "fixedVolumeNode": slicer_app.loadVolume(args.fixed, "fixed"),
+        "movingVolumeNode": slicer_app.loadVolume(args.moving, "moving"),
+    }
+    if args.fixed_labels:
+        nodes["fixedLabelNode"] = slicer_app.loadVolume(args.fixed_labels, "fixed labels", labelMap=True)
+    if args.moving_labels:
+        nodes["movingLabelNode"] = slicer_app.loadVolume(args.moving_labels, "moving labels", labelMap=True)
+    if args.fixed_mask:
+        nodes["fixedMaskNode"] = slicer_app.loadVolume(args.fixed_mask, "fixed mask", labelMap=True)
+    if args.lambda_map:
+        nodes["lambdaMapNode"] = slicer_app.loadVolume(args.lambda_map, "lambda map")
+    if args.fixed_landmarks:
+        nodes["fixedLandmarksNode"] = slicer_app.loadMarkups(args.fixed_landmarks, "fixed landmarks")
+    if args.moving_landmarks:
+        nodes["movingLandmarksNode"] = slicer_app.loadMarkups(args.moving_landmarks, "moving landmarks")
+    return nodes
+
+
+def _demo_inputs(slicer_app, args):
+    """Nodes of the built-in demo pair, and the pair itself (for the error against the truth)."""
+    from . import mrml
+    from .demo import make_demo_pair
+
+    pair = make_demo_pair(size=args.demo_size, seed=args.demo_seed)
+    scene = slicer_app.scene
+    nodes = {
+        "fixedVolumeNode": mrml.updateVolumeNodeFromArray(scene, pair.fixed, pair.fixed_grid, name="demo fixed"),
+        "movingVolumeNode": mrml.updateVolumeNodeFromArray(scene, pair.moving, pair.moving_grid, name="demo moving"),
+        "fixedLabelNode": mrml.updateVolumeNodeFromArray(
+            scene, pair.fixed_labels, pair.fixed_grid, name="demo fixed labels", className="vtkMRMLLabelMapVolumeNode"
+        ),
+        "movingLabelNode": mrml.updateVolumeNodeFromArray(
+            scene, pair.moving_labels, pair.moving_grid, name="demo moving labels", className="vtkMRMLLabelMapVolumeNode"
+        ),
+    }
+    truth = mrml.updateDisplacementVolumeNode(scene, pair.true_displacement_ras, pair.fixed_grid, name="demo true displacement")
+    return nodes, pair, truth
+
+
+@contextlib.contextmanager
+def _quiet_vtk_log(verbose: bool):
+    """Hide VTK/MRML log lines while the command runs (a corrupt file makes Slicer's readers print
+    dozens); errors are detected from return values and reported in one line instead."""
+    import vtk
+
+    if verbose:
+        yield
+        return
+    cutoff = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    warnings = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.ConvertToVerbosity(cutoff))
+        vtk.vtkObject.SetGlobalWarningDisplay(warnings)
+
+
+def run_register(args) -> dict:
+    """The ``register`` command; returns the metrics. Raises UserError / ValueError / RegistrationCancelled."""
+    if args.iteration_scale <= 0:
+        raise UserError(f"--iteration-scale must be positive, got {args.iteration_scale}")
+    evaluation_labels = parse_evaluation_labels(args.eval_labels, args.labels_json, args.labels_key)
+    output, staging = prepare_output(args.output_dir)
+    progress = _ProgressBar(not args.quiet)
+    try:
+        # Heavy imports only once the command line is known to be sound.
+        from .headless import HeadlessSlicer
+        from .logic import LearnedRegistrationLogic, jsonSafe
+
+        with _quiet_vtk_log(args.verbose), HeadlessSlicer(cacheDirectory=staging / ".cache") as slicer_app:
+            demo = None
+            if args.fixed or args.moving:
+                nodes = _load_inputs(slicer_app, args)
+            else:
+                nodes, demo, truth_node = _demo_inputs(slicer_app, args)
+            logic = LearnedRegistrationLogic()
+            outputs = logic.register(
+                progressCallback=progress,
+                similarity=args.similarity,
+                regularizationWeight=args.regularization_weight,
+                device=args.device,
+                iterationScale=args.iteration_scale,
+                workingSpacingMm=args.working_spacing,
+                initialization=args.initialization,
+                evaluationLabels=evaluation_labels,
+                **nodes,
+            )
+            progress.close()
+            metrics = dict(outputs.metrics)
+            if demo is not None:
+                from . import mrml
+                from .demo import displacement_error
+
+                estimated, _ = mrml.displacementFromGridTransformNode(outputs.transformNode)
+                metrics.update(displacement_error(estimated, demo.true_displacement_ras, demo.fixed_labels > 0))
+                metrics["demo"] = {"size": args.demo_size, "seed": args.demo_seed}
+            metrics["inputs"] = {
+                key: os.path.abspath(value)
+                for key, value in (("fixed", args.fixed), ("moving", args.moving), ("fixed_labels", args.fixed_labels),
+                                   ("moving_labels", args.moving_labels), ("fixed_mask", args.fixed_mask))
+                if value
+            }
+
+            for attribute, file_name in OUTPUT_FILES.items():
+                node = getattr(outputs, attribute)
+                if node is None:
+                    continue
+                if attribute == "warpedLabelNode" and node.IsA("vtkMRMLSegmentationNode"):
+                    file_name = "warped_labels.seg.nrrd"
+                slicer_app.saveNode(node, staging / file_name)
+            if demo is not None:
+                slicer_app.saveNode(truth_node, staging / "true_displacement.nrrd")
+            slicer_app.saveScene(staging / SCENE_FILE)
+            (staging / METRICS_FILE).write_text(json.dumps(jsonSafe(metrics), indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(staging / ".cache", ignore_errors=True)
+        publish_output(staging, output)
+        return metrics
+    finally:
+        progress.close()
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _summary(metrics: dict) -> str:
+    parts = []
+    for key, label, unit in (
+        ("dice_mean", "Dice", ""),
+        ("hd95_mean_mm", "HD95", " mm"),
+        ("tre_mean_mm", "TRE", " mm"),
+        ("displacement_error_mean_mm", "error vs truth", " mm"),
+        ("folding_percent", "folding", " %"),
+        ("sdlogj", "SDlogJ", ""),
+        ("runtime_s", "runtime", " s"),
+    ):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {value:.3f}{unit}")
+    return ", ".join(parts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``learnedreg``; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "register":
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        from .optimize import RegistrationCancelled
+    except ImportError as error:  # torch missing
+        print(f"learnedreg: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        metrics = run_register(args)
+    except KeyboardInterrupt:
+        print("\nlearnedreg: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RegistrationCancelled:
+        print("learnedreg: cancelled; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UserError, ValueError, FileNotFoundError) as error:
+        print(f"learnedreg: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"learnedreg: wrote {Path(args.output_dir)} ({_summary(metrics)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""A full-behaviour MRML scene without the Slicer application (slicer-core), plus file I/O.
+
+Used by the command-line tool and the tests; inside Slicer the application provides all of this
+(``slicer.mrmlScene``, ``slicer.util.loadVolume``, ...), so the Slicer module never imports it.
+
+:class:`HeadlessSlicer` wires up what ``qSlicerCoreApplication`` would: an application logic
+with the default colour nodes, the Colors / Volumes / Markups / Segmentations / Transforms
+logics, and a remote-IO + data-IO manager with a cache directory (``vtkMRMLScene::ReadFromMRB``
+fails without it).
+
+Files are read and written by Slicer's own readers and storage nodes, so they carry exactly the
+geometry Slicer would give them: RAS in memory, LPS on disk, the flip done inside the storage
+nodes (not here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import vtk
+
+import slicer
+
+#: vtkSlicerVolumesLogic::AddArchetypeVolume loading-option bits.
+_LOAD_LABELMAP = 1
+_LOAD_SINGLE_FILE = 4
+
+
+class HeadlessSlicer:
+    """An MRML scene with the module logics Slicer would register, usable without a GUI.
+
+    Attributes:
+        scene: the ``vtkMRMLScene``.
+        applicationLogic: its ``vtkSlicerApplicationLogic``.
+        volumesLogic, colorLogic, markupsLogic, segmentationsLogic, transformLogic: the logics.
+
+    Call :meth:`close` (or use it as a context manager) to clear the scene and delete the cache
+    directory it created.
+    """
+
+    def __init__(self, cacheDirectory: str | os.PathLike | None = None):
+        self._ownedCache = cacheDirectory is None
+        self.cacheDirectory = Path(cacheDirectory or tempfile.mkdtemp(prefix="learnedreg-mrml-cache-"))
+        self.cacheDirectory.mkdir(parents=True, exist_ok=True)
+        # A cache folder made here is deleted by close(), or at the latest when this object is
+        # garbage-collected or the interpreter exits.
+        self._removeCache = (
+            weakref.finalize(self, shutil.rmtree, str(self.cacheDirectory), True) if self._ownedCache else None
+        )
+        # The cache manager refuses to manage (and warns about) a folder without its sentinel.
+        (self.cacheDirectory / ".slicer-cache").touch()
+
+        self.scene = slicer.vtkMRMLScene()
+        self.applicationLogic = slicer.vtkSlicerApplicationLogic()
+        self.applicationLogic.SetTemporaryPath(str(self.cacheDirectory))
+        # The colour logic looks for colour files under <home>/<share>/ColorFiles and logs an
+        # error when the folder is not there; slicer-core ships none, so give it an empty one.
+        (self.cacheDirectory / "share" / "ColorFiles").mkdir(parents=True, exist_ok=True)
+        self.applicationLogic.SetHomeDirectory(str(self.cacheDirectory))
+        self.applicationLogic.SetShareDirectory("share")
+        self.applicationLogic.SetMRMLScene(self.scene)
+        self.applicationLogic.SetSliceLogics(vtk.vtkCollection())
+        self.applicationLogic.SetViewLogics(vtk.vtkCollection())
+
+        # Default colour tables (Grey, Labels, fMRI, PET ...); file-based ones (Viridis) are not
+        # shipped with slicer-core. The application logic must be set before the scene.
+        self.colorLogic = slicer.vtkSlicerColorLogic()
+        self._addLogic("Colors", self.colorLogic)
+
+        self.volumesLogic = slicer.vtkSlicerVolumesLogic()
+        self._addLogic("Volumes", self.volumesLogic)
+        self.markupsLogic = slicer.vtkSlicerMarkupsLogic()
+        self._addLogic("Markups", self.markupsLogic)
+        self.segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+        self._addLogic("Segmentations", self.segmentationsLogic)
+        self.transformLogic = slicer.vtkSlicerTransformLogic()
+        self._addLogic("Transforms", self.transformLogic)
+
+        # Remote IO + data IO manager: ReadFromMRB unpacks bundles through the cache manager.
+        self.remoteIOLogic = slicer.vtkMRMLRemoteIOLogic()
+        self.remoteIOLogic.GetCacheManager().SetRemoteCacheDirectory(str(self.cacheDirectory))
+        self.dataIOManagerLogic = slicer.vtkDataIOManagerLogic()
+        self.dataIOManagerLogic.SetMRMLApplicationLogic(self.applicationLogic)
+        self.dataIOManagerLogic.SetAndObserveDataIOManager(self.remoteIOLogic.GetDataIOManager())
+        self.applicationLogic.SetMRMLSceneDataIO(self.scene, self.remoteIOLogic, self.dataIOManagerLogic)
+
+    def _addLogic(self, name: str, logic) -> None:
+        logic.SetMRMLApplicationLogic(self.applicationLogic)
+        logic.SetMRMLScene(self.scene)
+        self.applicationLogic.SetModuleLogic(name, logic)
+
+    # ------------------------------------------------------------------------------ life cycle
+    def close(self) -> None:
+        """Clear the scene and remove the cache directory if this object created it."""
+        if self.scene is not None:
+            self.scene.Clear(True)
+        if self._removeCache is not None:
+            self._removeCache()
+
+    def __enter__(self) -> "HeadlessSlicer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ reading
+    def loadVolume(self, path: str | os.PathLike, name: str | None = None, labelMap: bool = False):
+        """Load an image file (NRRD, NIfTI, MHA, ... anything ITK reads) as a volume node.
+
+        Slicer's own archetype reader is used, so the node's RAS geometry is what Slicer shows.
+        Only the named file is read (no series detection).
+
+        Returns:
+            ``vtkMRMLScalarVolumeNode`` (or ``vtkMRMLVectorVolumeNode`` for multi-component
+            files), or ``vtkMRMLLabelMapVolumeNode`` with ``labelMap=True``.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            ValueError: the file could not be read as an image.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        name = name or _stemOf(path)
+        options = _LOAD_SINGLE_FILE | (_LOAD_LABELMAP if labelMap else 0)
+        node = self.volumesLogic.AddArchetypeVolume(str(path), name, options)
+        if node is None or node.GetImageData() is None:
+            if node is not None:
+                self.scene.RemoveNode(node)
+            raise ValueError(f"could not read '{path}' as an image (unsupported or corrupt file)")
+        return node
+
+    def loadTransform(self, path: str | os.PathLike, name: str | None = None):
+        """Load an ITK transform file (.h5, .tfm, .txt) into a transform node.
+
+        Raises:
+            FileNotFoundError / ValueError as :meth:`loadVolume`.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"transform file not found: {path}")
+        storageNode = slicer.vtkMRMLTransformStorageNode()
+        storageNode.SetFileName(str(path))
+        self.scene.AddNode(storageNode)
+        node = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", name or _stemOf(path))
+        if not storageNode.ReadData(node):
+            self.scene.RemoveNode(node)
+            self.scene.RemoveNode(storageNode)
+            raise ValueError(f"could not read '{path}' as a transform")
+        node.SetAndObserveStorageNodeID(storageNode.GetID())
+        return node
+
+    def loadMarkups(self, path: str | os.PathLike, name: str | None = None):
+        """Load a markups file (.mrk.json, .fcsv) as a markups node.
+
+        Raises:
+            FileNotFoundError / ValueError as :meth:`loadVolume`.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"markups file not found: {path}")
+        nodeId = self.markupsLogic.LoadMarkups(str(path), name or _stemOf(path))
+        node = self.scene.GetNodeByID(nodeId) if nodeId else None
+        if node is None:
+            raise ValueError(f"could not read '{path}' as markups")
+        return node
+
+    def loadScene(self, path: str | os.PathLike) -> None:
+        """Replace the scene's content with an ``.mrb`` bundle (or ``.mrml`` file).
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            ValueError: the scene could not be read.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"scene file not found: {path}")
+        if path.suffix.lower() == ".mrb":
+            ok = self.scene.ReadFromMRB(str(path), True)
+        else:
+            self.scene.SetURL(str(path))
+            ok = self.scene.Connect()
+        if not ok:
+            raise ValueError(f"could not read the scene '{path}'")
+
+    # ------------------------------------------------------------------------------ writing
+    def saveNode(self, node, path: str | os.PathLike) -> Path:
+        """Write a storable node with its default storage node (.nrrd, .nii.gz, .h5, .mrk.json, ...).
+
+        The file format follows the extension; the node keeps the storage node, so a later
+        scene save refers to this file.
+
+        Raises:
+            ValueError: the node cannot be stored, or writing failed.
+        """
+        path = Path(path)
+        storageNode = node.GetStorageNode()
+        if storageNode is None:
+            storageNode = node.CreateDefaultStorageNode()
+            if storageNode is None:
+                raise ValueError(f"'{node.GetName()}' ({node.GetClassName()}) cannot be saved to a file")
+            self.scene.AddNode(storageNode)
+            node.SetAndObserveStorageNodeID(storageNode.GetID())
+        storageNode.SetFileName(str(path))
+        if not storageNode.WriteData(node):
+            raise ValueError(f"could not write '{node.GetName()}' to '{path}'")
+        return path
+
+    def saveScene(self, path: str | os.PathLike) -> Path:
+        """Write the whole scene as a Slicer ``.mrb`` bundle (every storable node with its data).
+
+        Raises:
+            ValueError: writing failed.
+        """
+        path = Path(path)
+        if path.suffix.lower() != ".mrb":
+            raise ValueError(f"scene files are written as .mrb, got '{path.name}'")
+        if not self.scene.WriteToMRB(str(path)):
+            raise ValueError(f"could not write the scene to '{path}'")
+        return path
+
+
+def _stemOf(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".seg.nrrd", ".mrk.json"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem

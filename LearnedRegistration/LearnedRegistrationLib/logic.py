@@ -1,0 +1,577 @@
+"""Registration logic shared by the Slicer panel, the Slicer Python console and the command line.
+
+Three steps, so that the long one can run off the GUI thread::
+
+    request = logic.prepareRegistration(fixedNode, movingNode, regularizationWeight=0.3)  # main thread
+    computed = logic.computeRegistration(request, progressCallback, cancelRequested)    # any thread
+    outputs = logic.writeOutputs(request, computed, outputs)                             # main thread
+
+or in one call, ``logic.register(fixedNode, movingNode, regularizationWeight=0.3)``.
+
+``prepareRegistration`` reads the nodes into numpy arrays with their geometry (world RAS, see
+:mod:`.mrml`) and checks them; ``computeRegistration`` touches no MRML (engine, label warping,
+metrics, checkerboard); ``writeOutputs`` creates the missing output nodes and updates the given
+ones in place, all or nothing.
+
+This is a plain class (no Qt, no ``ScriptedLoadableModuleLogic``, which slicer-core lacks); the
+Slicer module's logic wraps it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import mrml
+from .grid import ImageGrid
+
+ProgressCallback = Callable[[float, str], None]
+CancelRequested = Callable[[], bool]
+
+#: Node attribute holding the metrics (JSON) on the output transform node, kept in saved scenes.
+METRICS_ATTRIBUTE = "LearnedRegistration.metrics"
+
+
+@dataclass
+class RegistrationOutputNodes:
+    """Output nodes of a registration; None ones are created by :meth:`LearnedRegistrationLogic.writeOutputs`.
+
+    Attributes:
+        warpedVolumeNode: moving volume resampled on the fixed grid (scalar volume).
+        displacementVolumeNode: ``vtkMRMLVectorVolumeNode``, 3 components, RAS mm, resampling
+            convention (moving point = x + d(x)).
+        transformNode: ``vtkMRMLGridTransformNode`` holding d as the transform from parent; put
+            the moving volume under it to see it registered.
+        checkerboardVolumeNode, differenceVolumeNode: fixed vs warped (grey).
+        jacobianVolumeNode: det of the Jacobian of x -> x + d(x) (1 = no volume change, <= 0 folding).
+        lambdaMapVolumeNode: regularization weight used at each voxel.
+        warpedLabelNode: moving labels warped with nearest neighbour (label map, or a
+            segmentation when the moving labels were a segmentation); only with moving labels.
+        metrics: the metrics of the last registration written into these nodes.
+    """
+
+    warpedVolumeNode: Any = None
+    displacementVolumeNode: Any = None
+    transformNode: Any = None
+    checkerboardVolumeNode: Any = None
+    differenceVolumeNode: Any = None
+    jacobianVolumeNode: Any = None
+    lambdaMapVolumeNode: Any = None
+    warpedLabelNode: Any = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class RegistrationRequest:
+    """Everything :meth:`LearnedRegistrationLogic.computeRegistration` needs, as numpy arrays.
+
+    Arrays are (Z, Y, X) on their grid (world RAS mm); points are (P, 3) RAS mm.
+    ``scene`` and the node IDs are only used by ``writeOutputs`` (on the main thread).
+    """
+
+    fixed: np.ndarray
+    fixedGrid: ImageGrid
+    moving: np.ndarray
+    movingGrid: ImageGrid
+    options: Any  # optimize.RegistrationOptions
+    fixedMask: Optional[np.ndarray] = None
+    lambdaMap: Optional[np.ndarray] = None
+    fixedLabels: Optional[np.ndarray] = None
+    movingLabels: Optional[np.ndarray] = None
+    labelNames: Optional[list] = None  # names of label values 1..N when labels came from segmentations
+    movingLabelsAreSegmentation: bool = False
+    evaluationLabels: Optional[list] = None
+    fixedPoints: Optional[np.ndarray] = None
+    movingPoints: Optional[np.ndarray] = None
+    scene: Any = None
+    fixedVolumeNodeID: str = ""
+    movingVolumeNodeID: str = ""
+    outputBaseName: str = "Registered"
+    checkerboardSquareMm: float = 20.0
+
+
+@dataclass
+class ComputedRegistration:
+    """What :meth:`LearnedRegistrationLogic.computeRegistration` produced (numpy, on the fixed grid).
+
+    Attributes:
+        result: the engine's ``optimize.RegistrationResult`` (warped, displacement_ras, jacobian,
+            lambda_map, affine_ras, runtime_s, device, regularization_weight ...).
+        checkerboard, difference: (Z, Y, X) float32 (see :mod:`.visualization`).
+        warpedLabels: (Z, Y, X) int32 moving labels warped with nearest neighbour, or None.
+        metrics: dict with ``folding_percent``, ``sdlogj``, ``runtime_s``, ``device``, ``lambda``,
+            ``similarity`` and, when labels were given, ``dice_mean``, ``dice_per_label``,
+            ``dice_mean_initial`` (labels resampled without deformation), ``hd95_mean_mm``,
+            ``hd95_per_label_mm``; with landmarks ``tre_mean_mm``, ``tre_max_mm``,
+            ``tre_initial_mean_mm``.
+    """
+
+    result: Any
+    checkerboard: np.ndarray
+    difference: np.ndarray
+    warpedLabels: Optional[np.ndarray]
+    metrics: dict
+
+
+def _finiteMean(values) -> Optional[float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _jsonNumber(value: float) -> Optional[float]:
+    """JSON has no inf/NaN: such values become None (null)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+class LearnedRegistrationLogic:
+    """Deformable registration of MRML volume nodes (see the module docstring for the three steps).
+
+    All node arguments are MRML nodes of one scene; errors a user can fix raise ``ValueError``
+    with a message that says what to change.
+    """
+
+    # ------------------------------------------------------------------------------------ prepare
+    def prepareRegistration(
+        self,
+        fixedVolumeNode,
+        movingVolumeNode,
+        *,
+        fixedMaskNode=None,
+        fixedLabelNode=None,
+        movingLabelNode=None,
+        fixedLandmarksNode=None,
+        movingLandmarksNode=None,
+        lambdaMapNode=None,
+        similarity: str = "lncc",
+        regularizationWeight: Optional[float] = None,
+        device: Optional[str] = None,
+        iterationScale: float = 1.0,
+        workingSpacingMm: Optional[float] = None,
+        initialization: str = "com",
+        evaluationLabels: Optional[Sequence[int]] = None,
+    ) -> RegistrationRequest:
+        """Read the input nodes into a :class:`RegistrationRequest` (main thread).
+
+        Args:
+            fixedVolumeNode, movingVolumeNode: scalar volumes (any geometry; linear parent
+                transforms are applied, non-linear ones must be hardened first).
+            fixedMaskNode: label map (same geometry as the fixed volume) or segmentation; the
+                similarity is computed where it is non-zero.
+            fixedLabelNode, movingLabelNode: label maps with the geometry of their image, or
+                segmentations (matched by segment name); for Dice/HD95 and the warped labels.
+            fixedLandmarksNode, movingLandmarksNode: markups point lists with corresponding
+                points in the same order; for TRE.
+            lambdaMapNode: scalar volume with per-voxel regularization in [0, 1]; resampled
+                (linear) onto the fixed grid when its geometry differs, 1 outside it.
+            similarity: "lncc", "mse", "ncc", "ngf" or "mi".
+            regularizationWeight: λ in [0, 1] (None = the engine default).
+            device: "cpu", "cuda" or None (automatic).
+            iterationScale: multiplies every iteration count (< 1 for a quick preview).
+            workingSpacingMm: finest deformable level spacing (mm); coarser levels are 2x, 4x.
+            initialization: "com" (align intensity centres of mass), "moments" (also principal
+                axes) or "none" (use the images' positions as they are).
+            evaluationLabels: restrict Dice/HD95 to these label values (default: all present).
+
+        Raises:
+            ValueError: a missing or empty node, a label map / mask whose geometry differs from
+                its image, landmark lists of different lengths, or bad option values.
+        """
+        from .optimize import DEFAULT_LAMBDA, RegistrationOptions
+
+        if fixedVolumeNode is None:
+            raise ValueError("select a fixed volume")
+        if movingVolumeNode is None:
+            raise ValueError("select a moving volume")
+        fixed, fixedGrid = mrml.arrayFromVolumeNode(fixedVolumeNode)
+        moving, movingGrid = mrml.arrayFromVolumeNode(movingVolumeNode)
+        fixedName, movingName = fixedVolumeNode.GetName(), movingVolumeNode.GetName()
+
+        options = RegistrationOptions(
+            similarity=str(similarity).lower(),
+            regularization_weight=DEFAULT_LAMBDA if regularizationWeight is None else float(regularizationWeight),
+            device=device or None,
+            iteration_scale=float(iterationScale),
+            initialization=str(initialization).lower(),
+        )
+        if workingSpacingMm is not None:
+            spacing = float(workingSpacingMm)
+            if not spacing > 0:
+                raise ValueError(f"working spacing must be a positive number of mm, got {workingSpacingMm}")
+            options = replace(
+                options,
+                deformable_spacings_mm=(2.0 * spacing, spacing),
+                affine_spacings_mm=(max(8.0, 4.0 * spacing), max(4.0, 2.0 * spacing)),
+            )
+        options = options.validated()
+
+        request = RegistrationRequest(
+            fixed=fixed,
+            fixedGrid=fixedGrid,
+            moving=moving,
+            movingGrid=movingGrid,
+            options=options,
+            scene=fixedVolumeNode.GetScene(),
+            fixedVolumeNodeID=fixedVolumeNode.GetID() or "",
+            movingVolumeNodeID=movingVolumeNode.GetID() or "",
+            outputBaseName=movingName or "Moving",
+            evaluationLabels=None if evaluationLabels is None else [int(v) for v in evaluationLabels],
+        )
+
+        if fixedMaskNode is not None:
+            mask = self._labelsOnImage(fixedMaskNode, fixedVolumeNode, fixedGrid, f"the fixed volume '{fixedName}'")[0]
+            if not np.any(mask > 0):
+                raise ValueError(f"the fixed mask '{fixedMaskNode.GetName()}' is empty; it must mark at least one voxel")
+            request.fixedMask = (mask > 0).astype(np.uint8)
+
+        if lambdaMapNode is not None:
+            lambdaMap, lambdaGrid = mrml.arrayFromVolumeNode(lambdaMapNode)
+            if not lambdaGrid.same_geometry(fixedGrid):
+                from .transforms import resample_image
+
+                lambdaMap = resample_image(lambdaMap, lambdaGrid, fixedGrid, mode="linear", default_value=1.0)
+            if not np.all(np.isfinite(lambdaMap)) or lambdaMap.min() < 0 or lambdaMap.max() > 1:
+                raise ValueError(
+                    f"the λ map '{lambdaMapNode.GetName()}' must hold values in [0, 1] "
+                    f"(found {np.nanmin(lambdaMap):.3g} to {np.nanmax(lambdaMap):.3g})"
+                )
+            request.lambdaMap = lambdaMap.astype(np.float32)
+
+        if (fixedLabelNode is None) != (movingLabelNode is None):
+            raise ValueError("give both fixed and moving labels (or neither) to measure label overlap")
+        if fixedLabelNode is not None:
+            names: Optional[list] = None
+            fixedLabels, names = self._labelsOnImage(
+                fixedLabelNode, fixedVolumeNode, fixedGrid, f"the fixed volume '{fixedName}'"
+            )
+            movingLabels, names = self._labelsOnImage(
+                movingLabelNode, movingVolumeNode, movingGrid, f"the moving volume '{movingName}'", names
+            )
+            request.fixedLabels, request.movingLabels, request.labelNames = fixedLabels, movingLabels, names
+            request.movingLabelsAreSegmentation = bool(movingLabelNode.IsA("vtkMRMLSegmentationNode"))
+
+        if (fixedLandmarksNode is None) != (movingLandmarksNode is None):
+            raise ValueError("give both fixed and moving landmarks (or neither) to measure the target registration error")
+        if fixedLandmarksNode is not None:
+            fixedPoints = mrml.pointsFromMarkupsNode(fixedLandmarksNode)
+            movingPoints = mrml.pointsFromMarkupsNode(movingLandmarksNode)
+            if len(fixedPoints) != len(movingPoints) or len(fixedPoints) == 0:
+                raise ValueError(
+                    f"the landmark lists must hold the same, non-zero number of corresponding points; "
+                    f"'{fixedLandmarksNode.GetName()}' has {len(fixedPoints)} and "
+                    f"'{movingLandmarksNode.GetName()}' has {len(movingPoints)}"
+                )
+            request.fixedPoints, request.movingPoints = fixedPoints, movingPoints
+        return request
+
+    @staticmethod
+    def _labelsOnImage(labelNode, volumeNode, grid: ImageGrid, description: str, names=None):
+        """(labels int32 on ``grid``, segment names or None) from a label map or segmentation node."""
+        if labelNode.IsA("vtkMRMLSegmentationNode"):
+            return mrml.labelArrayFromSegmentationNode(labelNode, volumeNode, names)
+        if not labelNode.IsA("vtkMRMLVolumeNode"):
+            raise ValueError(
+                f"'{labelNode.GetName()}' must be a label map volume or a segmentation, got a {labelNode.GetClassName()}"
+            )
+        return mrml.labelArrayFromLabelMapNode(labelNode, grid, description), names
+
+    # ------------------------------------------------------------------------------------ compute
+    def computeRegistration(
+        self,
+        request: RegistrationRequest,
+        progressCallback: Optional[ProgressCallback] = None,
+        cancelRequested: Optional[CancelRequested] = None,
+    ) -> ComputedRegistration:
+        """Run the engine and compute the derived volumes and metrics; touches no MRML (any thread).
+
+        Args:
+            progressCallback: callable(fraction in [0, 1], message), called from this thread.
+            cancelRequested: callable returning True to stop; polled every iteration.
+
+        Raises:
+            ValueError: images the engine rejects (2D, NaN, empty, no overlap ...).
+            optimize.RegistrationCancelled: when ``cancelRequested()`` returned True.
+        """
+        from . import metrics as metricsLib
+        from .optimize import register_images
+        from .transforms import resample_image
+        from .visualization import checkerboard, difference
+
+        def report(fraction: float, message: str) -> None:
+            if progressCallback is not None:
+                progressCallback(float(fraction), message)
+
+        def engineProgress(fraction: float, message: str) -> None:
+            report(0.95 * fraction, message)
+
+        result = register_images(
+            request.fixed,
+            request.fixedGrid,
+            request.moving,
+            request.movingGrid,
+            request.options,
+            fixed_mask=request.fixedMask,
+            lambda_map=request.lambdaMap,
+            progress=engineProgress,
+            cancel=cancelRequested,
+        )
+        report(0.95, "computing metrics")
+        fixedGrid = request.fixedGrid
+        metrics: dict = {
+            "lambda": float(result.regularization_weight),
+            "similarity": result.similarity,
+            "device": result.device,
+            "runtime_s": float(result.runtime_s),
+            "folding_percent": float(metricsLib.folding_percent(result.jacobian, request.fixedMask)),
+            "sdlogj": float(metricsLib.sdlogj(result.jacobian, request.fixedMask)),
+        }
+
+        warpedLabels = None
+        if request.movingLabels is not None:
+            warpedLabels = np.rint(
+                resample_image(request.movingLabels, request.movingGrid, fixedGrid, result.displacement_ras, mode="nearest")
+            ).astype(np.int32)
+            initialLabels = np.rint(
+                resample_image(request.movingLabels, request.movingGrid, fixedGrid, mode="nearest")
+            ).astype(np.int32)
+            labels = request.evaluationLabels
+            dice = metricsLib.dice_per_label(request.fixedLabels, warpedLabels, labels)
+            diceInitial = metricsLib.dice_per_label(request.fixedLabels, initialLabels, labels)
+            hd95 = metricsLib.hd95_mm(request.fixedLabels, warpedLabels, list(dice), fixedGrid)
+            metrics.update(
+                dice_mean=_finiteMean(dice.values()),
+                dice_per_label={int(k): float(v) for k, v in dice.items()},
+                dice_mean_initial=_finiteMean(diceInitial.values()),
+                hd95_mean_mm=_finiteMean(hd95.values()),
+                hd95_per_label_mm={int(k): _jsonNumber(v) for k, v in hd95.items()},
+            )
+            if request.labelNames:
+                metrics["label_names"] = {i + 1: name for i, name in enumerate(request.labelNames)}
+
+        if request.fixedPoints is not None:
+            tre = metricsLib.tre_mm(request.fixedPoints, request.movingPoints, result.displacement_ras, fixedGrid)
+            initial = np.linalg.norm(request.fixedPoints - request.movingPoints, axis=1)
+            metrics.update(
+                tre_mean_mm=float(np.mean(tre)),
+                tre_max_mm=float(np.max(tre)),
+                tre_initial_mean_mm=float(np.mean(initial)),
+            )
+
+        board = checkerboard(request.fixed, result.warped, fixedGrid, request.checkerboardSquareMm)
+        diff = difference(request.fixed, result.warped)
+        report(1.0, "done")
+        return ComputedRegistration(result, board, diff, warpedLabels, metrics)
+
+    # ------------------------------------------------------------------------------------ write
+    def writeOutputs(
+        self,
+        request: RegistrationRequest,
+        computed: ComputedRegistration,
+        outputNodes: Optional[RegistrationOutputNodes] = None,
+    ) -> RegistrationOutputNodes:
+        """Create missing output nodes and update the given ones in place (main thread).
+
+        All or nothing: if anything fails, the nodes created by this call are removed and the
+        nodes given in ``outputNodes`` get their previous data back, then the error is raised.
+
+        Returns:
+            A new :class:`RegistrationOutputNodes` (the given nodes, plus the created ones).
+
+        Raises:
+            ValueError: an output node of the wrong class, or no scene.
+        """
+        scene = request.scene
+        if scene is None:
+            raise ValueError("the request has no MRML scene (was it made by prepareRegistration?)")
+        given = outputNodes or RegistrationOutputNodes()
+        result = computed.result
+        grid = request.fixedGrid
+        base = request.outputBaseName
+
+        # Check the classes of the given nodes before changing anything.
+        for attribute, className in _OUTPUT_CLASSES.items():
+            node = getattr(given, attribute)
+            if node is not None and not _isOutputClass(node, className):
+                raise ValueError(
+                    f"output '{attribute}' must be a {className}, got '{node.GetName()}' ({node.GetClassName()})"
+                )
+        if given.warpedLabelNode is not None and not (
+            given.warpedLabelNode.IsA("vtkMRMLLabelMapVolumeNode") or given.warpedLabelNode.IsA("vtkMRMLSegmentationNode")
+        ):
+            raise ValueError(
+                f"output 'warpedLabelNode' must be a label map or segmentation, got {given.warpedLabelNode.GetClassName()}"
+            )
+
+        transaction = _SceneTransaction(scene)
+        outputs = RegistrationOutputNodes()
+        scene.StartState(scene.BatchProcessState)
+        try:
+
+            def volume(attribute, array, name, className="vtkMRMLScalarVolumeNode"):
+                node = transaction.prepare(getattr(given, attribute))
+                node = mrml.updateVolumeNodeFromArray(scene, array, grid, node, name, className)
+                setattr(outputs, attribute, node)
+                return node
+
+            node = volume("warpedVolumeNode", result.warped, f"{base} warped")
+            mrml.setGreyDisplay(node, result.warped)
+
+            node = transaction.prepare(given.displacementVolumeNode)
+            outputs.displacementVolumeNode = mrml.updateDisplacementVolumeNode(
+                scene, result.displacement_ras, grid, node, f"{base} displacement"
+            )
+            node = transaction.prepare(given.transformNode)
+            outputs.transformNode = mrml.updateGridTransformNode(
+                scene, result.displacement_ras, grid, node, f"{base} transform"
+            )
+
+            node = volume("checkerboardVolumeNode", computed.checkerboard, f"{base} checkerboard")
+            mrml.setGreyDisplay(node, computed.checkerboard)
+            node = volume("differenceVolumeNode", computed.difference, f"{base} difference")
+            mrml.setGreyDisplay(node, computed.difference, symmetric=True)
+            node = volume("jacobianVolumeNode", result.jacobian, f"{base} Jacobian determinant")
+            mrml.setJacobianDisplay(node)
+            node = volume("lambdaMapVolumeNode", result.lambda_map, f"{base} lambda map")
+            mrml.setLambdaMapDisplay(node, result.lambda_map)
+
+            outputs.warpedLabelNode = given.warpedLabelNode
+            if computed.warpedLabels is not None:
+                target = transaction.prepare(given.warpedLabelNode)
+                asSegmentation = (
+                    target.IsA("vtkMRMLSegmentationNode") if target is not None else request.movingLabelsAreSegmentation
+                )
+                if asSegmentation:
+                    node = mrml.updateSegmentationNodeFromLabels(
+                        scene, computed.warpedLabels, grid, target, f"{base} warped labels", request.labelNames
+                    )
+                else:
+                    node = mrml.updateVolumeNodeFromArray(
+                        scene, computed.warpedLabels, grid, target, f"{base} warped labels", "vtkMRMLLabelMapVolumeNode"
+                    )
+                    mrml.setLabelDisplay(node)
+                outputs.warpedLabelNode = node
+
+            outputs.metrics = dict(computed.metrics)
+            outputs.transformNode.SetAttribute(METRICS_ATTRIBUTE, json.dumps(jsonSafe(outputs.metrics)))
+        except BaseException:
+            transaction.rollback()
+            raise
+        finally:
+            scene.EndState(scene.BatchProcessState)
+        return outputs
+
+    # ------------------------------------------------------------------------------------ all
+    def register(
+        self,
+        fixedVolumeNode,
+        movingVolumeNode,
+        *,
+        outputNodes: Optional[RegistrationOutputNodes] = None,
+        progressCallback: Optional[ProgressCallback] = None,
+        cancelRequested: Optional[CancelRequested] = None,
+        **options,
+    ) -> RegistrationOutputNodes:
+        """Prepare, compute and write in one synchronous call (scripts, tests, the command line).
+
+        ``options`` are the keyword arguments of :meth:`prepareRegistration`. On error or
+        cancellation (``optimize.RegistrationCancelled``) the scene is left unchanged.
+        """
+        request = self.prepareRegistration(fixedVolumeNode, movingVolumeNode, **options)
+        computed = self.computeRegistration(request, progressCallback, cancelRequested)
+        return self.writeOutputs(request, computed, outputNodes)
+
+
+def jsonSafe(value):
+    """Metrics with inf/NaN as None and dict keys as strings, for json.dumps."""
+    if isinstance(value, dict):
+        return {str(k): jsonSafe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonSafe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return _jsonNumber(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+#: Class each output node must have when given for an in-place update.
+_OUTPUT_CLASSES = {
+    "warpedVolumeNode": "vtkMRMLScalarVolumeNode",
+    "displacementVolumeNode": "vtkMRMLVectorVolumeNode",
+    "transformNode": "vtkMRMLGridTransformNode",
+    "checkerboardVolumeNode": "vtkMRMLScalarVolumeNode",
+    "differenceVolumeNode": "vtkMRMLScalarVolumeNode",
+    "jacobianVolumeNode": "vtkMRMLScalarVolumeNode",
+    "lambdaMapVolumeNode": "vtkMRMLScalarVolumeNode",
+}
+
+
+def _isOutputClass(node, className: str) -> bool:
+    """Scalar outputs must be plain scalar volumes (not label maps or vector volumes)."""
+    if className == "vtkMRMLScalarVolumeNode":
+        return node.GetClassName() == className
+    return bool(node.IsA(className))
+
+
+class _SceneTransaction:
+    """Remembers what :meth:`LearnedRegistrationLogic.writeOutputs` changed, to undo it on failure.
+
+    Every node added to the scene since the transaction began is removed (output, display and
+    storage nodes alike); nodes updated in place get back their previous image data, geometry,
+    transform or segments (a shallow snapshot: the old VTK objects are kept alive).
+    """
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.nodeIdsBefore = mrml.nodeIds(scene)
+        self.restorers: list = []
+
+    def prepare(self, node):
+        """Snapshot ``node`` (may be None) before it is updated; returns it."""
+        if node is None:
+            return None
+        if node.IsA("vtkMRMLVolumeNode"):
+            import vtk
+
+            oldImage = node.GetImageData()
+            oldMatrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(oldMatrix)
+
+            def restoreVolume(node=node, oldImage=oldImage, oldMatrix=oldMatrix):
+                node.SetIJKToRASMatrix(oldMatrix)
+                node.SetAndObserveImageData(oldImage)
+
+            self.restorers.append(restoreVolume)
+        elif node.IsA("vtkMRMLTransformNode"):
+            oldTransform = node.GetTransformFromParent()
+            oldAttribute = node.GetAttribute(METRICS_ATTRIBUTE)
+
+            def restoreTransform(node=node, oldTransform=oldTransform, oldAttribute=oldAttribute):
+                node.SetAndObserveTransformFromParent(oldTransform)
+                if oldAttribute is None:
+                    node.RemoveAttribute(METRICS_ATTRIBUTE)
+                else:
+                    node.SetAttribute(METRICS_ATTRIBUTE, oldAttribute)
+
+            self.restorers.append(restoreTransform)
+        elif node.IsA("vtkMRMLSegmentationNode"):
+            import slicer
+
+            oldSegmentation = slicer.vtkSegmentation()
+            oldSegmentation.DeepCopy(node.GetSegmentation())
+
+            def restoreSegmentation(node=node, oldSegmentation=oldSegmentation):
+                node.GetSegmentation().DeepCopy(oldSegmentation)
+
+            self.restorers.append(restoreSegmentation)
+        return node
+
+    def rollback(self) -> None:
+        """Remove the added nodes and restore the updated ones."""
+        mrml.removeNodesAddedSince(self.scene, self.nodeIdsBefore)
+        for restore in reversed(self.restorers):
+            restore()
+        self.restorers = []

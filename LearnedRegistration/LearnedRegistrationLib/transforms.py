@@ -1,0 +1,269 @@
+"""Spatial transforms: affine (rigid or full) in physical space, stationary velocity fields, warping.
+
+Frames (see :mod:`grid`):
+
+- An **affine** is a (4, 4) matrix acting on RAS mm. Like every transform here it is a
+  *resampling* transform: it maps a point of the fixed image to the corresponding point of the
+  moving image (ITK's and Slicer's "from parent" direction).
+- A **normalized displacement** ``(N, 3, Z, Y, X)`` lives on a grid and is expressed in that grid's
+  normalized units with channels (x, y, z) = (I, J, K): ``warped(p) = moving(p + u(p))`` in the
+  grid's normalized coordinates. This is what ``grid_sample`` consumes, and because
+  ``align_corners=True`` it is independent of the resolution it is sampled at.
+- A **RAS displacement** ``(Z, Y, X, 3)`` (numpy) is in RAS mm on a fixed grid, resampling
+  convention: the moving point for fixed point ``x`` is ``x + d(x)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .grid import ALIGN_CORNERS, ImageGrid
+
+_GRID_SAMPLE_MODES = {"linear": "bilinear", "nearest": "nearest"}
+
+
+# --------------------------------------------------------------------------------- warping
+def identity_grid(shape, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalized coordinates of every voxel centre, shape (1, Z, Y, X, 3), last axis (x, y, z)."""
+    theta = torch.eye(3, 4, dtype=dtype, device=device).unsqueeze(0)
+    return F.affine_grid(theta, (1, 1, *shape), align_corners=ALIGN_CORNERS)
+
+
+def warp(
+    image: torch.Tensor,
+    displacement: torch.Tensor,
+    mode: str = "linear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Resample ``image`` at ``p + u(p)``, both on the same grid.
+
+    Args:
+        image: (N, C, Z, Y, X).
+        displacement: (N, 3, Z, Y, X) normalized displacement of that grid, channels (x, y, z).
+        mode: "linear" or "nearest".
+        padding_mode: ``grid_sample`` padding ("zeros", "border", "reflection").
+
+    Returns:
+        (N, C, Z, Y, X) warped image.
+
+    Raises:
+        ValueError: on shape mismatch or unknown mode.
+    """
+    if displacement.dim() != 5 or displacement.shape[1] != 3:
+        raise ValueError(f"warp() 'displacement' must have shape (N, 3, Z, Y, X), got {tuple(displacement.shape)}")
+    if image.dim() != 5 or image.shape[2:] != displacement.shape[2:]:
+        raise ValueError(
+            f"warp() 'image' must have shape (N, C, {', '.join(map(str, displacement.shape[2:]))}), got {tuple(image.shape)}"
+        )
+    if mode not in _GRID_SAMPLE_MODES:
+        raise ValueError(f"warp() mode must be one of {sorted(_GRID_SAMPLE_MODES)}, got {mode!r}")
+    grid = identity_grid(image.shape[2:], image.device, displacement.dtype) + displacement.permute(0, 2, 3, 4, 1)
+    return F.grid_sample(
+        image, grid, mode=_GRID_SAMPLE_MODES[mode], padding_mode=padding_mode, align_corners=ALIGN_CORNERS
+    )
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``x -> y + outer(y)`` with ``y = x + inner(x)``: ``inner + outer(x + inner)``.
+
+    Both (N, 3, Z, Y, X) normalized displacements on the same grid; the result likewise. Outside the
+    grid ``outer`` is extended with its border value.
+    """
+    return inner + warp(outer, inner, padding_mode="border")
+
+
+def integrate_svf(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Exponential of a stationary velocity field by scaling and squaring.
+
+    ``phi = exp(v)``: start from ``v / 2**steps`` and compose the displacement with itself
+    ``steps`` times (Arsigny et al., MICCAI 2006; Ashburner, NeuroImage 2007). The result is a
+    diffeomorphism for a smooth enough ``v``, and ``exp(-v)`` is its inverse.
+
+    Args:
+        velocity: (N, 3, Z, Y, X) velocity in normalized units of its grid, channels (x, y, z).
+        steps: number of squarings (>= 0).
+
+    Returns:
+        (N, 3, Z, Y, X) normalized displacement of ``exp(v)``.
+    """
+    if velocity.dim() != 5 or velocity.shape[1] != 3:
+        raise ValueError(f"integrate_svf() 'velocity' must have shape (N, 3, Z, Y, X), got {tuple(velocity.shape)}")
+    if steps < 0:
+        raise ValueError(f"integrate_svf() 'steps' must be >= 0, got {steps}")
+    displacement = velocity / (2**steps)
+    for _ in range(steps):
+        displacement = compose(displacement, displacement)
+    return displacement
+
+
+def resize_field(field: torch.Tensor, shape) -> torch.Tensor:
+    """Trilinear resampling of a normalized field (or image) to a new (Z, Y, X) shape on the same extent.
+
+    Normalized displacements need no rescaling (``align_corners=True``).
+    """
+    if tuple(field.shape[2:]) == tuple(shape):
+        return field
+    return F.interpolate(field, size=tuple(shape), mode="trilinear", align_corners=ALIGN_CORNERS)
+
+
+# --------------------------------------------------------------------------------- frames
+def normalized_to_mm(displacement: torch.Tensor, grid: ImageGrid) -> torch.Tensor:
+    """Normalized displacement (N, 3, Z, Y, X) -> mm along the grid's (I, J, K) axes, same shape."""
+    scale = torch.as_tensor(grid.normalized_unit_mm, dtype=displacement.dtype, device=displacement.device)
+    return displacement * scale.view(1, 3, 1, 1, 1)
+
+
+def mm_to_normalized(displacement_mm: torch.Tensor, grid: ImageGrid) -> torch.Tensor:
+    """Inverse of :func:`normalized_to_mm`."""
+    scale = torch.as_tensor(grid.normalized_unit_mm, dtype=displacement_mm.dtype, device=displacement_mm.device)
+    return displacement_mm / scale.view(1, 3, 1, 1, 1)
+
+
+def affine_theta(affine_ras: np.ndarray, target_grid: ImageGrid, source_grid: ImageGrid) -> np.ndarray:
+    """(3, 4) ``affine_grid`` matrix: target normalized coords -> source normalized coords.
+
+    Args:
+        affine_ras: (4, 4) resampling affine in RAS mm (target point -> source point).
+        target_grid: grid the output is sampled on (the fixed image's).
+        source_grid: grid of the image that is sampled (the moving image's).
+    """
+    m = source_grid.ras_to_normalized @ np.asarray(affine_ras, dtype=np.float64) @ target_grid.normalized_to_ras
+    return m[:3]
+
+
+def sampling_grid(
+    target_grid: ImageGrid,
+    source_grid: ImageGrid,
+    affine_ras: Optional[np.ndarray] = None,
+    displacement: Optional[torch.Tensor] = None,
+    device=None,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """Where to sample the source image for every target voxel: ``source(A(p + u(p)))``.
+
+    Args:
+        target_grid: output grid (fixed).
+        source_grid: grid of the sampled (moving) image.
+        affine_ras: (4, 4) resampling affine in RAS mm; identity when None.
+        displacement: optional (1, 3, Z, Y, X) normalized displacement on ``target_grid``.
+
+    Returns:
+        (1, Z, Y, X, 3) coordinates in the source grid's normalized frame, for ``grid_sample``.
+    """
+    affine = np.eye(4) if affine_ras is None else np.asarray(affine_ras, dtype=np.float64)
+    theta = torch.as_tensor(affine_theta(affine, target_grid, source_grid), dtype=dtype, device=device)
+    grid = F.affine_grid(theta.unsqueeze(0), (1, 1, *target_grid.shape), align_corners=ALIGN_CORNERS)
+    if displacement is not None:
+        if tuple(displacement.shape[2:]) != tuple(target_grid.shape):
+            raise ValueError(
+                f"sampling_grid() 'displacement' must be on the target grid {target_grid.shape}, got {tuple(displacement.shape)}"
+            )
+        # theta's linear part maps target-normalized vectors into source-normalized vectors.
+        grid = grid + torch.einsum("ij,nzyxj->nzyxi", theta[:, :3], displacement.permute(0, 2, 3, 4, 1))
+    return grid
+
+
+def displacement_to_ras(
+    displacement: Optional[torch.Tensor], grid: ImageGrid, affine_ras: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Total resampling displacement in RAS mm of ``p -> A(p + u(p))`` on ``grid``.
+
+    Args:
+        displacement: (1, 3, Z, Y, X) normalized displacement on ``grid`` (None = zero).
+        grid: the fixed grid.
+        affine_ras: (4, 4) resampling affine in RAS mm applied after the displacement (None = identity).
+
+    Returns:
+        (Z, Y, X, 3) float32 numpy array, RAS mm: the moving point for fixed point ``x`` is ``x + d(x)``.
+    """
+    affine = np.eye(4) if affine_ras is None else np.asarray(affine_ras, dtype=np.float64)
+    dtype = torch.float64
+    # p (RAS) from the identity grid, in float64 to keep sub-micron accuracy on large grids.
+    theta = torch.as_tensor(grid.normalized_to_ras[:3], dtype=dtype)
+    points = F.affine_grid(theta.unsqueeze(0), (1, 1, *grid.shape), align_corners=ALIGN_CORNERS)[0]
+    moved = points
+    if displacement is not None:
+        u_mm = normalized_to_mm(displacement.detach().to("cpu", dtype), grid)[0].permute(1, 2, 3, 0)
+        moved = points + u_mm @ torch.as_tensor(grid.direction.T, dtype=dtype)
+    a = torch.as_tensor(affine, dtype=dtype)
+    moved = moved @ a[:3, :3].T + a[:3, 3]
+    return (moved - points).to(torch.float32).numpy()
+
+
+def ras_displacement_to_mm_ijk(displacement_ras: np.ndarray, grid: ImageGrid) -> torch.Tensor:
+    """(Z, Y, X, 3) RAS mm displacement -> (1, 3, Z, Y, X) tensor of mm along the grid's (I, J, K) axes."""
+    d = torch.as_tensor(np.asarray(displacement_ras, dtype=np.float32))
+    d = d @ torch.as_tensor(grid.direction, dtype=torch.float32)  # components along I, J, K
+    return d.permute(3, 0, 1, 2).unsqueeze(0)
+
+
+def resample_image(
+    image: np.ndarray,
+    image_grid: ImageGrid,
+    target_grid: ImageGrid,
+    displacement_ras: Optional[np.ndarray] = None,
+    mode: str = "linear",
+    default_value: float = 0.0,
+    affine_ras: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Resample a numpy volume onto ``target_grid`` in physical space: ``out(x) = image(A(x) + d(x))``.
+
+    Args:
+        image: (Z, Y, X) array on ``image_grid``.
+        image_grid: geometry of ``image``.
+        target_grid: output geometry.
+        displacement_ras: optional (Z, Y, X, 3) RAS mm resampling displacement on ``target_grid``.
+        mode: "linear" or "nearest" (use nearest for label maps).
+        default_value: value outside the image.
+        affine_ras: optional (4, 4) resampling affine in RAS mm (applied when no displacement is
+            given; a displacement from :func:`displacement_to_ras` already contains the affine).
+
+    Returns:
+        (Z, Y, X) float32 array on ``target_grid`` (labels come back as exact float values).
+    """
+    if mode not in _GRID_SAMPLE_MODES:
+        raise ValueError(f"resample_image() mode must be one of {sorted(_GRID_SAMPLE_MODES)}, got {mode!r}")
+    image = np.asarray(image)
+    if image.shape != image_grid.shape:
+        raise ValueError(f"resample_image() 'image' shape {image.shape} does not match its grid {image_grid.shape}")
+    src = torch.as_tensor(image.astype(np.float32) - default_value)[None, None]
+    grid = sampling_grid(target_grid, image_grid, affine_ras if displacement_ras is None else None)
+    if displacement_ras is not None:
+        d = np.asarray(displacement_ras, dtype=np.float32)
+        if d.shape != (*target_grid.shape, 3):
+            raise ValueError(
+                f"resample_image() 'displacement_ras' must have shape {(*target_grid.shape, 3)}, got {d.shape}"
+            )
+        # RAS mm vectors -> source normalized vectors: linear part of ras_to_normalized.
+        lin = torch.as_tensor(image_grid.ras_to_normalized[:3, :3], dtype=torch.float32)
+        grid = grid + torch.as_tensor(d) @ lin.T
+    out = F.grid_sample(src, grid, mode=_GRID_SAMPLE_MODES[mode], padding_mode="zeros", align_corners=ALIGN_CORNERS)
+    return (out[0, 0] + default_value).numpy()
+
+
+# --------------------------------------------------------------------------------- affine
+def rotation_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
+    """(3, 3) rotation from an axis-angle vector (radians), by Rodrigues' formula; differentiable."""
+    theta = torch.sqrt((axis_angle**2).sum() + 1e-12)
+    k = axis_angle / theta
+    zero = torch.zeros((), dtype=axis_angle.dtype, device=axis_angle.device)
+    kx = torch.stack(
+        [
+            torch.stack([zero, -k[2], k[1]]),
+            torch.stack([k[2], zero, -k[0]]),
+            torch.stack([-k[1], k[0], zero]),
+        ]
+    )
+    eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)
+    return eye + torch.sin(theta) * kx + (1 - torch.cos(theta)) * (kx @ kx)
+
+
+def affine_matrix(linear: torch.Tensor, translation: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """(4, 4) affine ``x -> linear @ (x - center) + center + translation`` (all RAS mm)."""
+    m = torch.eye(4, dtype=linear.dtype, device=linear.device)
+    top = torch.cat([linear, (center - linear @ center + translation).unsqueeze(1)], dim=1)
+    return torch.cat([top, m[3:]], dim=0)
