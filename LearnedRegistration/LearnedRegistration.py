@@ -265,7 +265,7 @@ class LearnedRegistrationParameterNode:
     movingLandmarks: vtkMRMLMarkupsFiducialNode
 
     method: RegistrationMethod = RegistrationMethod.OPTIMIZE
-    similarity: Similarity = Similarity.LNCC
+    similarity: Similarity = Similarity.MSE
     regularizationWeight: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_REGULARIZATION_WEIGHT
     liveUpdate: bool = True
     spatiallyVarying: bool = False

@@ -40,6 +40,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .similarity import SIMILARITIES
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -129,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--lambda", dest="regularization_weight", type=float, default=None,
         help="regularization weight λ in [0, 1] (0: similarity only, 1: no deformation; default: the engine's)",
     )
-    register.add_argument("--similarity", default="lncc", choices=["lncc", "mse", "ncc", "ngf", "mi"], help="similarity measure (default lncc)")
+    register.add_argument(
+        "--similarity", default=None, choices=list(SIMILARITIES),
+        help="similarity measure: mse (default; same contrast), lncc (same modality), ncc, ngf or mi (multi-modal)",
+    )
     register.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     register.add_argument("--eval-labels", help="comma-separated label values to score (default: every label present)")
     register.add_argument("--labels-json", help="JSON file with lists of label values to score")

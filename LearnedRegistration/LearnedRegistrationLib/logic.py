@@ -146,7 +146,7 @@ class LearnedRegistrationLogic:
         fixedLandmarksNode=None,
         movingLandmarksNode=None,
         lambdaMapNode=None,
-        similarity: str = "lncc",
+        similarity: Optional[str] = None,
         regularizationWeight: Optional[float] = None,
         device: Optional[str] = None,
         iterationScale: float = 1.0,
@@ -167,7 +167,7 @@ class LearnedRegistrationLogic:
                 points in the same order; for TRE.
             lambdaMapNode: scalar volume with per-voxel regularization in [0, 1]; resampled
                 (linear) onto the fixed grid when its geometry differs, 1 outside it.
-            similarity: "lncc", "mse", "ncc", "ngf" or "mi".
+            similarity: "mse", "lncc", "ncc", "ngf" or "mi" (None = the engine default, "mse").
             regularizationWeight: λ in [0, 1] (None = the engine default).
             device: "cpu", "cuda" or None (automatic).
             iterationScale: multiplies every iteration count (< 1 for a quick preview).
@@ -191,7 +191,7 @@ class LearnedRegistrationLogic:
         fixedName, movingName = fixedVolumeNode.GetName(), movingVolumeNode.GetName()
 
         options = RegistrationOptions(
-            similarity=str(similarity).lower(),
+            similarity=RegistrationOptions.similarity if similarity is None else str(similarity).lower(),
             regularization_weight=DEFAULT_LAMBDA if regularizationWeight is None else float(regularizationWeight),
             device=device or None,
             iteration_scale=float(iterationScale),

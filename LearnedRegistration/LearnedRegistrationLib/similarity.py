@@ -13,7 +13,7 @@ import torch
 
 from .filters import box_mean, spatial_gradient
 
-SIMILARITIES = ("lncc", "mse", "ncc", "ngf", "mi")
+SIMILARITIES = ("mse", "lncc", "ncc", "ngf", "mi")
 
 
 def _check_pair(name: str, fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor]) -> None:

