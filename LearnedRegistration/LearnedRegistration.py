@@ -47,7 +47,7 @@ from LearnedRegistrationLib.tasks import BackgroundTask, LatestRequestDebouncer,
 
 #: Default λ of the parameter node; the same value as ``LearnedRegistrationLib.optimize.DEFAULT_LAMBDA``
 #: (not imported from there because that module needs torch).
-DEFAULT_REGULARIZATION_WEIGHT = 0.3
+DEFAULT_REGULARIZATION_WEIGHT = 0.25
 
 
 #
@@ -997,7 +997,7 @@ class LearnedRegistrationTest(ScriptedLoadableModuleTest):
     @staticmethod
     def _fastOptions():
         # The two phantoms share their intensities, so MSE is the matching similarity (and the measure).
-        return {"similarity": "mse", "iterationScale": 0.2, "workingSpacingMm": 4.0, "device": "cpu"}
+        return {"similarity": "mse", "iterationScale": 1.0, "workingSpacingMm": 4.0, "device": "cpu"}
 
     @staticmethod
     def _meanSquaredDisplacementGradient(displacementNode):
