@@ -1,0 +1,121 @@
+"""Pure helpers of the benchmark scripts (scripts/bench_helpers.py, scripts/benchmark.py).
+
+Runs in seconds in the main environment: no antspyx / itk-elastix, no real data.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_helpers  # noqa: E402
+from bench_helpers import deform, dsc30, lps_field_to_ras, points_to_displacement, ratios, synthetic_deformation  # noqa: E402
+from LearnedRegistrationLib.grid import ImageGrid  # noqa: E402
+from LearnedRegistrationLib.imageio import grid_from_sitk, sitk_image  # noqa: E402
+from LearnedRegistrationLib.transforms import resample_image  # noqa: E402
+
+
+def _oblique_grid(shape=(20, 22, 24), spacing=(1.5, 2.0, 2.5)) -> ImageGrid:
+    # LIA-like orientation with a small rotation, so every LPS/RAS sign matters
+    c, s = np.cos(0.2), np.sin(0.2)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    lia = np.array([[-1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
+    return ImageGrid(shape, spacing, np.array([10.0, -20.0, 30.0]), rot @ lia)
+
+
+def _blob(grid: ImageGrid) -> np.ndarray:
+    p = grid.world_points() - grid.center_ras
+    return np.exp(-(p**2).sum(-1) / (2 * 9.0**2)).astype(np.float32) + 0.5 * np.exp(
+        -((p - [5.0, 3.0, -4.0]) ** 2).sum(-1) / (2 * 4.0**2)
+    ).astype(np.float32)
+
+
+def test_dsc30_is_the_mean_of_the_worst_30_percent():
+    per = {i: v for i, v in enumerate([0.9, 0.1, 0.8, 0.3, 0.7, 0.6, 0.5, 0.4, 0.95, 0.85])}
+    assert dsc30(per) == pytest.approx(np.mean([0.1, 0.3, 0.4]))
+    assert dsc30({1: 0.5, 2: 0.9}) == pytest.approx(0.5)  # ceil(0.6) = 1 label
+    assert np.isnan(dsc30({}))
+
+
+def test_itk_translation_field_converted_to_ras_matches_itk_resampling():
+    """A peer's LPS field (here SimpleITK's, same as ANTs/elastix) on a known translation."""
+    grid = _oblique_grid()
+    image = _blob(grid)
+    reference = sitk_image(image, grid)
+    t_lps = (3.0, -2.0, 4.0)
+    transform = sitk.TranslationTransform(3, t_lps)  # resampling transform: x -> x + t (LPS)
+    to_field = sitk.TransformToDisplacementFieldFilter()
+    to_field.SetReferenceImage(reference)
+    to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
+    field_lps = sitk.GetArrayFromImage(to_field.Execute(transform))
+    d = lps_field_to_ras(field_lps)
+    assert d.shape == (*grid.shape, 3)
+    np.testing.assert_allclose(d[0, 0, 0], [-3.0, 2.0, 4.0], atol=1e-5)  # (−L, −P, S)
+    # our resampling with the converted field reproduces ITK's resampling of the same transform
+    ours = resample_image(image, grid, grid, d)
+    itk = sitk.GetArrayFromImage(sitk.Resample(reference, reference, transform, sitk.sitkLinear, 0.0))
+    inner = (slice(3, -3),) * 3
+    np.testing.assert_allclose(ours[inner], itk[inner], atol=2e-3)
+    assert grid_from_sitk(reference).same_geometry(grid)
+
+
+def test_points_to_displacement_is_mapped_minus_grid_points():
+    grid = _oblique_grid((4, 5, 6))
+    d = points_to_displacement(grid.world_points() + [1.0, -2.0, 0.5], grid)
+    np.testing.assert_allclose(d, np.broadcast_to([1.0, -2.0, 0.5], d.shape), atol=1e-5)
+
+
+def test_synthetic_deformation_is_undone_by_its_true_displacement():
+    grid = _oblique_grid((24, 24, 24), (2.0, 2.0, 2.0))
+    image = _blob(grid)
+    u, true_d = synthetic_deformation(grid, seed=0, max_displacement_mm=4.0, control_spacing_mm=20.0)
+    moving = deform(image, grid, u)
+    inner = (slice(4, -4),) * 3
+    before = np.abs(moving - image)[inner].mean()
+    assert before > 0.01  # it did deform
+    restored = resample_image(moving, grid, grid, true_d.astype(np.float32))
+    wrong_sign = resample_image(moving, grid, grid, (-true_d).astype(np.float32))
+    # what is left is the interpolation error of two resamplings; the opposite sign makes it worse
+    assert np.abs(restored - image)[inner].mean() < 0.3 * before
+    assert np.abs(wrong_sign - image)[inner].mean() > before
+
+
+def test_in_plane_deformation_has_no_through_slice_component():
+    grid = _oblique_grid((6, 20, 20), (1.0, 1.0, 8.0))
+    u, _ = synthetic_deformation(grid, seed=1, in_plane=True)
+    np.testing.assert_allclose(u @ grid.direction[:, 2], 0.0, atol=1e-9)
+
+
+def test_ratios_are_ours_over_peer_and_ours_minus_peer():
+    out = ratios({"method": "ours", "runtime_s": 20.0, "dice_mean": 0.75}, {"method": "demons", "runtime_s": 80.0, "dice_mean": 0.70})
+    assert out["time_ratio"] == pytest.approx(0.25)
+    assert out["delta_dice_mean"] == pytest.approx(0.05)
+
+
+def test_plan_and_network_hook():
+    import benchmark
+
+    flags = {"oasis_l2r_to_vxm": {"multimodal": False, "prealigned": True}, "multimodal_cardiac": {"multimodal": True, "prealigned": True}}
+    jobs = benchmark.plan(["oasis_l2r_to_vxm", "multimodal_cardiac"], (0.1, 0.25), False, flags)
+    oasis = [j for j in jobs if j["pair"] == "oasis_l2r_to_vxm"]
+    assert {j["method"] for j in oasis} == {"identity", "demons", "ants", "elastix", "ours"}
+    assert sorted(j["lambda"] for j in oasis if j["method"] == "ours") == [0.1, 0.25]
+    cardiac = [j for j in jobs if j["pair"] == "multimodal_cardiac"]
+    assert "demons" not in {j["method"] for j in cardiac}
+    assert {j["similarity"] for j in cardiac if j["method"] == "ours"} == {"mi", "ngf"}
+    with_network = benchmark.plan(["oasis_l2r_to_vxm"], (0.25,), True, flags)
+    assert {"network", "network+adapt"} <= {j["method"] for j in with_network}
+    with pytest.raises(NotImplementedError):
+        benchmark.run_network({}, adapt=False)
+
+
+def test_helpers_import_no_peer_tools():
+    assert "ants" not in sys.modules and "itk" not in sys.modules
+    assert bench_helpers.__name__ == "bench_helpers"
