@@ -77,9 +77,15 @@ REGULARIZERS = ("diffusion", "bending")
 def regularization_loss(
     name: str, field_mm: torch.Tensor, spacing: Sequence[float], weight: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Dispatch by name ("diffusion" or "bending"); with ``weight`` the diffusion is λ(x)-weighted."""
+    """Dispatch by name ("diffusion" or "bending"); with ``weight`` the diffusion is λ(x)-weighted.
+
+    Raises:
+        ValueError: for an unknown name, or a ``weight`` map with "bending" (no weighted form).
+    """
     if name == "diffusion":
         return diffusion(field_mm, spacing) if weight is None else weighted_diffusion(field_mm, spacing, weight)
     if name == "bending":
+        if weight is not None:
+            raise ValueError("a λ(x) weight map is only supported with the diffusion regularizer")
         return bending_energy(field_mm, spacing)
     raise ValueError(f"unknown regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}")
