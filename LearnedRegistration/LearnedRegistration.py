@@ -141,21 +141,28 @@ class RegistrationMethod(enum.Enum):
     """How the deformation is computed.
 
     ``OPTIMIZE`` fits a stationary velocity field to the image pair (instance optimization); a λ
-    change re-runs it. The λ-conditioned network (``network``) and the network followed by instance
-    optimization (``networkAdapt``) are added here when their weights ship with the module; a
-    method whose :attr:`updatesInstantly` is True updates the outputs on a λ change without a new run.
+    change re-runs it. ``NETWORK`` is the shipped λ-conditioned network (Resources/Models) and
+    ``NETWORK_ADAPT`` the same after a few test-time adaptation steps on the pair; with them a λ
+    change only re-runs the network's decoder (:attr:`updatesInstantly`), in a fraction of a second.
+    The values are the logic's method names.
     """
 
     OPTIMIZE = "optimize"
+    NETWORK = "network"
+    NETWORK_ADAPT = "network+adapt"
 
     def label(self) -> str:
         """Text shown in the method combo box."""
-        return {RegistrationMethod.OPTIMIZE: _("Instance optimization")}[self]
+        return {
+            RegistrationMethod.OPTIMIZE: _("Instance optimization"),
+            RegistrationMethod.NETWORK: _("Network (instant λ)"),
+            RegistrationMethod.NETWORK_ADAPT: _("Network + adaptation (instant λ)"),
+        }[self]
 
     @property
     def updatesInstantly(self) -> bool:
         """True when a λ change needs no new registration run (the λ-conditioned network)."""
-        return False
+        return self is not RegistrationMethod.OPTIMIZE
 
 
 class Similarity(enum.Enum):
@@ -502,8 +509,16 @@ class LearnedRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         parameterNode = self._parameterNode
         if not (self._resultAvailable and parameterNode.liveUpdate):
             return
-        # RegistrationMethod.updatesInstantly is where the λ-conditioned network plugs in: it updates
-        # the outputs without a new run. Every method available now needs a run.
+        if parameterNode.method.updatesInstantly and self.logic.canSetRegularizationInstantly():
+            # The network is in memory: re-evaluate it and update the same nodes, on this thread.
+            try:
+                outputs = self.logic.setRegularization(regularizationWeight)
+            except (ValueError, RuntimeError) as error:
+                self._setStatus(_("Cannot update λ: {error}").format(error=error))
+                return
+            self._setStatus(_("λ = {value:.2f}: updated in {seconds:.2f} s.").format(
+                value=regularizationWeight, seconds=outputs.metrics.get("runtime_s", 0.0)))
+            return
         self._lambdaDebouncer.submit(regularizationWeight)
         self._setStatus(_("λ = {value:.2f}: the registration will be recomputed.").format(value=regularizationWeight))
         self._startPolling()
@@ -749,6 +764,7 @@ class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.Le
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        registrationLogic.LearnedRegistrationLogic.__init__(self)
         self._parameterNodeWrapper = None
 
     def getParameterNode(self) -> LearnedRegistrationParameterNode:
@@ -781,6 +797,7 @@ class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.Le
             "device": parameterNode.device.torchDevice,
             "iterationScale": float(parameterNode.iterationScale),
             "workingSpacingMm": float(parameterNode.workingSpacingMm) if parameterNode.workingSpacingMm > 0 else None,
+            "method": parameterNode.method.value,
         }
 
     @staticmethod

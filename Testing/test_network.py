@@ -13,6 +13,7 @@ from LearnedRegistrationLib.checkpoint import (
     save_checkpoint,
 )
 from LearnedRegistrationLib.network import (
+    ConditionalInstanceNorm,
     NetworkConfig,
     RegistrationNetwork,
     crop_padding,
@@ -28,7 +29,7 @@ from LearnedRegistrationLib.synthesis import (
 )
 from LearnedRegistrationLib.training import LossConfig, registration_loss, sample_lambda, soft_dice, train_step
 
-TINY = NetworkConfig(encoder_features=(4, 8, 8), decoder_features=(8, 4), head_features=4, condition_features=8, integration_steps=4)
+TINY = NetworkConfig(encoder_features=(4, 8, 8), decoder_features=(8, 4), head_features=4, condition_features=8, integration_steps=4, output_level=0)
 
 
 def tiny_network(seed=0, randomize_conditioning=True) -> RegistrationNetwork:
@@ -109,7 +110,31 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="'fixed'"):
         net(fixed[:, 0], moving[:, 0], 0.1)
     with pytest.raises(ValueError, match="decoder_features"):
-        NetworkConfig(encoder_features=(4, 8, 8), decoder_features=(8,))
+        NetworkConfig(encoder_features=(4, 8, 8), decoder_features=(8,), output_level=0)
+    with pytest.raises(ValueError, match="output_level"):
+        NetworkConfig(encoder_features=(4, 8, 8), decoder_features=(8,), output_level=2)
+
+
+def test_half_resolution_output_and_cached_encoder_give_the_same_fields():
+    config = NetworkConfig(encoder_features=(4, 8, 8), decoder_features=(8,), head_features=4, condition_features=8,
+                           integration_steps=4, output_level=1)
+    torch.manual_seed(0)
+    net = RegistrationNetwork(config).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "film" in name or name in ("velocity_head.weight", "weight_head.weight"):
+                p.normal_(0.0, 0.1)
+        fixed, moving = torch.rand(1, 1, 9, 11, 13), torch.rand(1, 1, 9, 11, 13)
+        whole = net(fixed, moving, 0.4)
+        encoded = net.encode(fixed, moving)
+        again = net.decode(encoded, 0.4)
+        coarse = net.decode_coarse(encoded, 0.4)
+        other = net.decode(encoded, 0.9)
+    for a, b in zip(whole, again):
+        assert a.shape[2:] == (9, 11, 13) and torch.equal(a, b)
+    assert coarse.velocity.shape[2:] == tuple(n // 2 for n in padded_shape((9, 11, 13), config.divisor))
+    assert (whole.displacement - other.displacement).abs().max() > 1e-4  # λ reaches the decoder
+    assert all(not any(isinstance(m, ConditionalInstanceNorm) for m in block.modules()) for block in net.encoder)
 
 
 def test_padding_round_trip_and_normalized_rescaling():
@@ -181,6 +206,9 @@ def test_corrupt_or_foreign_or_incompatible_checkpoints_name_the_file(tmp_path):
 def test_checkpoint_rejects_metadata_that_weights_only_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="metadata"):
         save_checkpoint(tmp_path / "x.pt", tiny_network(), {"when": object()})
+    # a str subclass (torch.__version__ is a TorchVersion) pickles as its class: weights_only refuses it
+    with pytest.raises(ValueError, match="TorchVersion"):
+        save_checkpoint(tmp_path / "x.pt", tiny_network(), {"torch": torch.__version__})
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -24,10 +24,15 @@ each axis rounded up to a multiple of the network's divisor (2^levels). The labe
 affinely aligned to the first one (least squares between the centroids of their brain labels), as
 the OASIS scans are affinely pre-aligned, so the network learns the deformable part.
 
-Example (the real run, on a GPU; about 1 MB of weights):
+The shipped model (``LearnedRegistration/Resources/Models/lambda_synthmorph_2mm.pt``, 1 MB) was
+trained on this machine's 2 CPU cores within one work session, by:
 
-    .venv/bin/python scripts/train.py --device cuda --steps 100000 --working-spacing 2 \
-        --output output/train/synthmorph_2mm.pt
+    .venv/bin/python scripts/train.py --device cpu --threads 2 --steps 1100 --working-spacing 2 \
+        --lr 7e-4 --lr-decay-start 0.5 --val-every 200 --rotation-deg 1 --translation-mm 1 \
+        --scaling 0.01 --output output/train/network_2mm.pt
+
+(copied into Resources/Models; its log is ``benchmarks/training_log_lambda_synthmorph_2mm.json``).
+A GPU run would simply use ``--device cuda`` and many more ``--steps``.
 
 Smoke run on CPU:
 
@@ -57,12 +62,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LearnedRegistration"))
 
 from LearnedRegistrationLib.checkpoint import save_checkpoint  # noqa: E402
-from LearnedRegistrationLib.filters import box_mean  # noqa: E402
 from LearnedRegistrationLib.grid import ImageGrid  # noqa: E402
 from LearnedRegistrationLib.imageio import read_volume  # noqa: E402
 from LearnedRegistrationLib.metrics import dice_mean, folding_percent, jacobian_map  # noqa: E402
 from LearnedRegistrationLib.network import NetworkConfig, RegistrationNetwork  # noqa: E402
-from LearnedRegistrationLib.optimize import choose_device  # noqa: E402
+from LearnedRegistrationLib.optimize import RegistrationOptions, choose_device, register_images  # noqa: E402
+from LearnedRegistrationLib.predict import to_working_grid, working_grid  # noqa: E402
 from LearnedRegistrationLib.synthesis import SynthesisConfig, synthesize_pair  # noqa: E402
 from LearnedRegistrationLib.training import LossConfig, sample_lambda, train_step  # noqa: E402
 from LearnedRegistrationLib.transforms import displacement_to_ras, grid_sample, resample_image, sampling_grid  # noqa: E402
@@ -85,13 +90,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fov-mm", type=float, nargs=3, default=(224.0, 192.0, 160.0), metavar=("Z", "Y", "X"),
                    help="training field of view in mm along tensor axes (Z, Y, X)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--lr-decay-start", type=float, default=1.0,
+                   help="fraction of --steps after which the learning rate falls linearly to 5 %% of --lr (1 = constant)")
     p.add_argument("--val-every", type=int, default=1000, help="validate on the OASIS pair every K steps (and at the end)")
     p.add_argument("--val-lambdas", default="0.05,0.2,0.5", help="comma-separated λ values to validate at")
     p.add_argument("--kappa", type=float, default=LossConfig.kappa, help="κ: scale of the regularization term")
     p.add_argument("--prior-weight", type=float, default=LossConfig.prior_weight, help="γ: weight of the Beta prior on λ(x)")
     p.add_argument("--no-normalize-weight-map", action="store_true",
                    help="use λ(x) as is in the regularization (Chen et al.) instead of divided by its mean")
+    p.add_argument("--rotation-deg", type=float, default=SynthesisConfig.rotation_deg,
+                   help="largest random rotation per side (degrees); inference aligns affinely first, so keep it small")
+    p.add_argument("--translation-mm", type=float, default=SynthesisConfig.translation_mm, help="largest random translation per side (mm)")
+    p.add_argument("--scaling", type=float, default=SynthesisConfig.scaling, help="largest random log-scaling per side")
     p.add_argument("--max-label-maps", type=int, default=0, help="use only the first N label maps (0 = all)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = p.parse_args(argv)
@@ -103,27 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------- grids and data
-def working_grid(center_ras: np.ndarray, fov_mm, spacing_mm: float, divisor: int) -> ImageGrid:
-    """LIA grid of ``spacing_mm`` centred on ``center_ras`` covering ``fov_mm`` (Z, Y, X), axes rounded up to ``divisor``."""
-    shape = tuple(int(math.ceil(math.ceil(f / spacing_mm - 1e-6) / divisor) * divisor) for f in fov_mm)
-    half = spacing_mm * (np.asarray(shape[::-1], dtype=np.float64) - 1.0) / 2.0  # along I, J, K
-    origin = np.asarray(center_ras, dtype=np.float64) - LIA_DIRECTION @ half
-    return ImageGrid(shape, (spacing_mm,) * 3, origin, LIA_DIRECTION)
-
-
 def brain_center(labels: np.ndarray, grid: ImageGrid, extracerebral: int) -> np.ndarray:
     """RAS centroid (mm) of the brain labels (0 < label < ``extracerebral``)."""
     kji = np.argwhere((labels > 0) & (labels < extracerebral)).mean(axis=0)
     return (grid.ijk_to_ras @ np.r_[kji[::-1], 1.0])[:3]
-
-
-def smooth_for(image: np.ndarray, grid: ImageGrid, spacing_mm: float) -> np.ndarray:
-    """Box-filter a (Z, Y, X) image to about ``spacing_mm`` before down-sampling (anti-aliasing)."""
-    width = [int(round(spacing_mm / s)) // 2 * 2 + 1 for s in grid.spacing]
-    if max(width) <= 1:
-        return image
-    with torch.no_grad():
-        return box_mean(torch.as_tensor(image)[None, None], width)[0, 0].numpy()
 
 
 def label_centroids(labels: np.ndarray, grid: ImageGrid, values) -> dict[int, np.ndarray]:
@@ -175,7 +169,8 @@ def load_label_maps(folder: Path, args, divisor: int, extracerebral: int):
         centroids = label_centroids(labels, grid, brain_values)
         if reference is None:
             reference = centroids
-            target = working_grid(brain_center(labels, grid, extracerebral), args.fov_mm, args.working_spacing, divisor)
+            center = brain_center(labels, grid, extracerebral)
+            target = working_grid(center, args.fov_mm, args.working_spacing, divisor, LIA_DIRECTION)
         affine = centroid_affine(reference, centroids)
         maps.append(np.rint(resample_image(labels, grid, target, mode="nearest", affine_ras=affine)).astype(np.int64))
     maps = np.stack(maps)
@@ -184,7 +179,11 @@ def load_label_maps(folder: Path, args, divisor: int, extracerebral: int):
 
 
 class Validation:
-    """The real OASIS pair on the working grid, scored at native 1 mm (Dice over the 30 labels)."""
+    """The real OASIS pair on the working grid, scored at native 1 mm (Dice over the 30 labels).
+
+    As in the logic's network path, the pair is first aligned by our optimizer's affine stage
+    (:func:`register_images` without deformable levels); the network registers what remains.
+    """
 
     def __init__(self, folder: Path, args, divisor: int, device: torch.device) -> None:
         moving_name, fixed_name = VALIDATION_PAIR
@@ -193,20 +192,27 @@ class Validation:
         self.fixed_labels, _ = read_volume(folder / f"{fixed_name}_aseg.nii.gz")
         self.moving_labels, _ = read_volume(folder / f"{moving_name}_aseg.nii.gz")
         self.labels = json.loads((folder / "labels.json").read_text())["voxelmorph_eval_labels_30"]
-        self.grid = working_grid(self.fixed_grid.center_ras, args.fov_mm, args.working_spacing, divisor)
-        s = args.working_spacing
-        self.fixed = torch.as_tensor(resample_image(smooth_for(fixed, self.fixed_grid, s), self.fixed_grid, self.grid))[None, None].to(device)
-        self.moving = torch.as_tensor(resample_image(smooth_for(moving, self.moving_grid, s), self.moving_grid, self.grid))[None, None].to(device)
+        self.grid = working_grid(self.fixed_grid.center_ras, args.fov_mm, args.working_spacing, divisor, LIA_DIRECTION)
+        affine_only = RegistrationOptions(deformable_spacings_mm=(), deformable_iterations=())
+        self.affine = register_images(fixed, self.fixed_grid, moving, self.moving_grid, affine_only).affine_ras
+        self.fixed = torch.as_tensor(to_working_grid(fixed, self.fixed_grid, self.grid))[None, None].to(device)
+        self.moving = torch.as_tensor(to_working_grid(moving, self.moving_grid, self.grid, self.affine))[None, None].to(device)
         # Native fixed voxels in the working grid's normalized frame, for up-sampling the displacement.
         self.native_points = sampling_grid(self.fixed_grid, self.grid)
         self.dice_before = dice_mean(self.fixed_labels, resample_image(self.moving_labels, self.moving_grid, self.fixed_grid, mode="nearest"), self.labels)
+        self.dice_affine = dice_mean(
+            self.fixed_labels,
+            resample_image(self.moving_labels, self.moving_grid, self.fixed_grid, mode="nearest", affine_ras=self.affine),
+            self.labels,
+        )
 
     @torch.no_grad()
     def score(self, network: RegistrationNetwork, lam: float) -> dict:
         network.eval()
         out = network(self.fixed, self.moving, lam)
-        disp_ras = displacement_to_ras(out.displacement.cpu(), self.grid)  # (Z, Y, X, 3) RAS mm on the working grid
-        folding = folding_percent(jacobian_map(disp_ras, self.grid))
+        deformable = displacement_to_ras(out.displacement.cpu(), self.grid)  # (Z, Y, X, 3) RAS mm on the working grid
+        folding = folding_percent(jacobian_map(deformable, self.grid))
+        disp_ras = displacement_to_ras(out.displacement.cpu(), self.grid, self.affine)
         field = torch.as_tensor(disp_ras).permute(3, 0, 1, 2)[None]
         native = grid_sample(field, self.native_points, "linear", padding_mode="border")[0].permute(1, 2, 3, 0).numpy()
         warped = resample_image(self.moving_labels, self.moving_grid, self.fixed_grid, native, mode="nearest")
@@ -239,7 +245,8 @@ def main(argv=None) -> int:
     pick = np.random.default_rng(args.seed)
 
     net_config = NetworkConfig()
-    synth_config = SynthesisConfig(spacing_mm=args.working_spacing)
+    synth_config = SynthesisConfig(spacing_mm=args.working_spacing, rotation_deg=args.rotation_deg,
+                                   translation_mm=args.translation_mm, scaling=args.scaling)
     loss_config = LossConfig(kappa=args.kappa, prior_weight=args.prior_weight,
                              normalize_weight_map=not args.no_normalize_weight_map)
     val_lambdas = [float(v) for v in args.val_lambdas.split(",") if v.strip()]
@@ -249,10 +256,15 @@ def main(argv=None) -> int:
     validation = Validation(args.data / "brain_oasis", args, net_config.divisor, device)
     print(f"loaded {len(files)} label maps on a {tuple(maps.shape[1:])} grid at {args.working_spacing} mm "
           f"({len(label_values)} loss labels) and the OASIS pair (Dice before registration "
-          f"{validation.dice_before:.4f}) in {time.time() - t0:.1f} s; device {device}", flush=True)
+          f"{validation.dice_before:.4f}, after affine {validation.dice_affine:.4f}) in {time.time() - t0:.1f} s; "
+          f"device {device}", flush=True)
 
     network = RegistrationNetwork(net_config).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
+    decay_from = int(args.lr_decay_start * args.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: 1.0 if k < decay_from else max(0.05, 1.0 - 0.95 * (k - decay_from) / max(1, args.steps - decay_from))
+    )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     log_path = args.output.with_name(args.output.name + ".log.json")
     curve: list[dict] = []
@@ -278,14 +290,16 @@ def main(argv=None) -> int:
             },
             "synthesis": asdict(synth_config),
             "loss": loss_config.to_dict(),
-            "optimizer": {"name": "Adam", "lr": args.lr, "batch_size": args.batch_size},
+            "optimizer": {"name": "Adam", "lr": args.lr, "lr_decay_start": args.lr_decay_start, "batch_size": args.batch_size},
+            "network": net_config.to_dict(),
             "seed": args.seed,
             "iterations": step,
             "wall_time_s": round(time.time() - t0, 1),
             "train_time_s": round(train_time, 1),
             "device": f"{device.type} ({device_name})",
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "dice_before_registration": validation.dice_before,
+            "dice_after_affine": validation.dice_affine,
             "validation_curve": curve,
             "training_curve": train_curve,
         }
@@ -309,7 +323,9 @@ def main(argv=None) -> int:
         with torch.no_grad():
             pair = synthesize_pair(fixed_labels, moving_labels, generator, synth_config)
         lam = sample_lambda(args.batch_size, generator, loss_config.endpoint_probability, device)
-        terms = train_step(network, optimizer, pair, lam, label_values, args.working_spacing, loss_config)
+        offset = pick.integers(loss_config.dice_stride, size=3)
+        terms = train_step(network, optimizer, pair, lam, label_values, args.working_spacing, loss_config, offset)
+        schedule.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.time() - t

@@ -61,7 +61,9 @@ def save_checkpoint(path: PathLike, network: RegistrationNetwork, metadata: Opti
 
 
 def _check_plain(where: str, value) -> None:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    # Exact types: subclasses (torch.__version__ is a TorchVersion, numpy floats ...) pickle as
+    # their own class, which torch.load(weights_only=True) refuses.
+    if value is None or type(value) in (bool, int, float, str):
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):

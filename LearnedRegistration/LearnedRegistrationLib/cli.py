@@ -4,6 +4,8 @@ Example::
 
     learnedreg register --fixed MRBrainTumor1.nii.gz --moving MRBrainTumor2.nii.gz --output-dir out
     learnedreg register --output-dir demo-out          # the built-in demo (known true displacement)
+    learnedreg register --fixed F.nii.gz --moving M.nii.gz --output-dir out --method network \
+        --lambda-sweep 0.05,0.1,0.2,0.3,0.5,0.7,0.9       # metrics at 7 λ and lambda_sweep.png
 
 The inputs are loaded into a headless slicer-core scene as nodes and registered with
 :meth:`LearnedRegistrationLogic.register`, exactly as in Slicer. The output folder receives:
@@ -20,8 +22,15 @@ lambda_map.nrrd        regularization weight per voxel
 warped_labels.nrrd     moving labels warped with nearest neighbour (with --moving-labels)
 scene.mrb              all of the above plus the inputs, as a Slicer scene
 metrics.json           Dice/HD95 (labels), TRE (landmarks), folding %, SDlogJ, runtime, device, λ,
-                       and for the demo the error against the known displacement
+                       method, and for the demo the error against the known displacement
+lambda_sweep.json/png  with --lambda-sweep: the metrics at each λ, and Dice (or, without labels,
+                       SDlogJ) against % folding
 =====================  ===========================================================================
+
+``--method``: ``network`` (the shipped λ-conditioned network; a λ change costs a fraction of a
+second), ``network+adapt`` (the network after test-time adaptation on this pair), ``optimize``
+(instance optimization); the default is the best that is ready (:func:`logic.bestReadyMethod`).
+The files always hold the registration at ``--lambda``; a sweep only adds its own files.
 
 Everything is written into a temporary folder next to the output folder and moved into place at
 the end, so a failure or Ctrl-C leaves no half-written output. User errors print one line and
@@ -58,6 +67,7 @@ OUTPUT_FILES = {
 }
 SCENE_FILE = "scene.mrb"
 METRICS_FILE = "metrics.json"
+SWEEP_FILES = ("lambda_sweep.json", "lambda_sweep.png")
 
 
 class UserError(Exception):
@@ -134,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument(
         "--similarity", default=None, choices=list(SIMILARITIES),
         help="similarity measure: mse (default; same contrast), lncc (same modality), ncc, ngf or mi (multi-modal)",
+    )
+    register.add_argument(
+        "--method", default=None, choices=["network", "network+adapt", "optimize"],
+        help="network (instant λ changes), network+adapt (test-time adaptation first) or optimize "
+        "(default: network+adapt when the network weights are there, else optimize)",
+    )
+    register.add_argument("--model", help="network weights file (default: the shipped model)")
+    register.add_argument("--adapt-steps", type=int, default=None, help="test-time adaptation steps of network+adapt")
+    register.add_argument(
+        "--lambda-sweep", metavar="L1,L2,...",
+        help="also compute the metrics at each of these λ (written to lambda_sweep.json and lambda_sweep.png)",
     )
     register.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     register.add_argument("--eval-labels", help="comma-separated label values to score (default: every label present)")
@@ -288,10 +309,47 @@ def _quiet_vtk_log(verbose: bool):
         vtk.vtkObject.SetGlobalWarningDisplay(warnings)
 
 
+def parse_lambda_sweep(text: Optional[str]) -> list[float]:
+    """``"0.1,0.5"`` -> [0.1, 0.5]; every value in [0, 1]. Raises UserError."""
+    if not text:
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--lambda-sweep needs comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise UserError(f"--lambda-sweep values must be in [0, 1], got {text!r}")
+    return values
+
+
+def _sweep_row(metrics: dict) -> dict:
+    keys = ("lambda", "dice_mean", "hd95_mean_mm", "tre_mean_mm", "folding_percent", "sdlogj", "runtime_s")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def run_lambda_sweep(logic, outputs, lambdas: Sequence[float], register_again, staging: Path, method: str) -> list[dict]:
+    """Metrics at each λ (network: the instant slider path; optimize: a new run each) and their plot."""
+    from .logic import jsonSafe
+    from .plots import plot_lambda_sweep
+
+    rows = []
+    for lam in lambdas:
+        if logic.canSetRegularizationInstantly():
+            updated = logic.setRegularization(lam)
+        else:
+            updated = register_again(lam, outputs)
+        rows.append(_sweep_row(updated.metrics))
+    (staging / SWEEP_FILES[0]).write_text(json.dumps(jsonSafe(rows), indent=2) + "\n")
+    metric = "dice_mean" if all(r.get("dice_mean") is not None for r in rows) else "sdlogj"
+    plot_lambda_sweep(staging / SWEEP_FILES[1], {method: rows}, metric=metric, title=f"λ sweep ({method})")
+    return rows
+
+
 def run_register(args) -> dict:
     """The ``register`` command; returns the metrics. Raises UserError / ValueError / RegistrationCancelled."""
     if args.iteration_scale <= 0:
         raise UserError(f"--iteration-scale must be positive, got {args.iteration_scale}")
+    sweep = parse_lambda_sweep(args.lambda_sweep)
     evaluation_labels = parse_evaluation_labels(args.eval_labels, args.labels_json, args.labels_key)
     output, staging = prepare_output(args.output_dir)
     progress = _ProgressBar(not args.quiet)
@@ -307,17 +365,19 @@ def run_register(args) -> dict:
             else:
                 nodes, demo, truth_node = _demo_inputs(slicer_app, args)
             logic = LearnedRegistrationLogic()
-            outputs = logic.register(
-                progressCallback=progress,
+            options = dict(
                 similarity=args.similarity,
-                regularizationWeight=args.regularization_weight,
                 device=args.device,
                 iterationScale=args.iteration_scale,
                 workingSpacingMm=args.working_spacing,
                 initialization=args.initialization,
                 evaluationLabels=evaluation_labels,
+                method=args.method,
+                modelPath=args.model,
+                adaptationSteps=args.adapt_steps,
                 **nodes,
             )
+            outputs = logic.register(progressCallback=progress, regularizationWeight=args.regularization_weight, **options)
             progress.close()
             metrics = dict(outputs.metrics)
             if demo is not None:
@@ -344,6 +404,12 @@ def run_register(args) -> dict:
             if demo is not None:
                 slicer_app.saveNode(truth_node, staging / "true_displacement.nrrd")
             slicer_app.saveScene(staging / SCENE_FILE)
+            if sweep:
+
+                def register_again(lam, previous):
+                    return logic.register(regularizationWeight=lam, outputNodes=previous, **options)
+
+                metrics["lambda_sweep"] = run_lambda_sweep(logic, outputs, sweep, register_again, staging, metrics["method"])
             (staging / METRICS_FILE).write_text(json.dumps(jsonSafe(metrics), indent=2, sort_keys=True) + "\n")
         shutil.rmtree(staging / ".cache", ignore_errors=True)
         publish_output(staging, output)
@@ -355,7 +421,7 @@ def run_register(args) -> dict:
 
 
 def _summary(metrics: dict) -> str:
-    parts = []
+    parts = [str(metrics["method"])] if metrics.get("method") else []
     for key, label, unit in (
         ("dice_mean", "Dice", ""),
         ("hd95_mean_mm", "HD95", " mm"),

@@ -8,6 +8,12 @@ Three steps, so that the long one can run off the GUI thread::
 
 or in one call, ``logic.register(fixedNode, movingNode, regularizationWeight=0.3)``.
 
+Methods (``method=`` of ``prepareRegistration``): ``"optimize"`` (instance optimization,
+:mod:`.optimize`), ``"network"`` (the shipped λ-conditioned network, :mod:`.predict`) and
+``"network+adapt"`` (the network after test-time adaptation on the pair). After a network
+registration has been written, ``logic.setRegularization(lam)`` re-evaluates the network already
+in memory at a new λ and updates the same output nodes in place (the interactive slider).
+
 ``prepareRegistration`` reads the nodes into numpy arrays with their geometry (world RAS, see
 :mod:`.mrml`) and checks them; ``computeRegistration`` touches no MRML (engine, label warping,
 metrics, checkerboard); ``writeOutputs`` creates the missing output nodes and updates the given
@@ -34,6 +40,22 @@ CancelRequested = Callable[[], bool]
 
 #: Node attribute holding the metrics (JSON) on the output transform node, kept in saved scenes.
 METRICS_ATTRIBUTE = "LearnedRegistration.metrics"
+
+#: Registration methods, fastest first.
+METHODS = ("network", "network+adapt", "optimize")
+
+
+def bestReadyMethod(modelPath=None) -> str:
+    """The default method: ``"network+adapt"`` when network weights are available, else ``"optimize"``.
+
+    ``modelPath`` None means the shipped weights (:data:`predict.DEFAULT_MODEL_PATH`).
+    """
+    from pathlib import Path
+
+    from .predict import default_model_path
+
+    path = Path(modelPath) if modelPath is not None else default_model_path()
+    return "network+adapt" if path is not None and path.is_file() else "optimize"
 
 
 @dataclass
@@ -87,6 +109,9 @@ class RegistrationRequest:
     evaluationLabels: Optional[list] = None
     fixedPoints: Optional[np.ndarray] = None
     movingPoints: Optional[np.ndarray] = None
+    method: str = "optimize"
+    modelPath: Optional[str] = None  # network weights (None = the shipped ones)
+    adaptationSteps: int = 0
     scene: Any = None
     fixedVolumeNodeID: str = ""
     movingVolumeNodeID: str = ""
@@ -115,6 +140,7 @@ class ComputedRegistration:
     difference: np.ndarray
     warpedLabels: Optional[np.ndarray]
     metrics: dict
+    session: Any = None  # predict.NetworkRegistration of network methods (re-evaluated by setRegularization)
 
 
 def _finiteMean(values) -> Optional[float]:
@@ -132,7 +158,14 @@ class LearnedRegistrationLogic:
 
     All node arguments are MRML nodes of one scene; errors a user can fix raise ``ValueError``
     with a message that says what to change.
+
+    Loaded networks are cached per weights file (read-only: adaptation works on a copy), and the
+    last network registration written stays in memory for :meth:`setRegularization`.
     """
+
+    def __init__(self) -> None:
+        self._networks: dict = {}
+        self._interactive: Optional[tuple] = None  # (request, session, outputs) of the last network run
 
     # ------------------------------------------------------------------------------------ prepare
     def prepareRegistration(
@@ -153,6 +186,9 @@ class LearnedRegistrationLogic:
         workingSpacingMm: Optional[float] = None,
         initialization: str = "com",
         evaluationLabels: Optional[Sequence[int]] = None,
+        method: Optional[str] = None,
+        modelPath: Optional[str] = None,
+        adaptationSteps: Optional[int] = None,
     ) -> RegistrationRequest:
         """Read the input nodes into a :class:`RegistrationRequest` (main thread).
 
@@ -175,12 +211,32 @@ class LearnedRegistrationLogic:
             initialization: "com" (align intensity centres of mass), "moments" (also principal
                 axes) or "none" (use the images' positions as they are).
             evaluationLabels: restrict Dice/HD95 to these label values (default: all present).
+            method: "optimize", "network" or "network+adapt" (None = :func:`bestReadyMethod`).
+                The network methods use the optimizer's affine stage, then the network; they
+                ignore ``similarity``, ``iterationScale`` and ``workingSpacingMm``.
+            modelPath: network weights file (None = the shipped ones).
+            adaptationSteps: test-time adaptation effort of "network+adapt": steps per λ knot
+                (None = 15; the first knot gets proportionally more, see
+                :meth:`predict.AdaptationOptions.with_steps`).
 
         Raises:
             ValueError: a missing or empty node, a label map / mask whose geometry differs from
-                its image, landmark lists of different lengths, or bad option values.
+                its image, landmark lists of different lengths, bad option values, an unknown
+                method, or a λ map with a network method (the network predicts its own λ(x)).
         """
         from .optimize import DEFAULT_LAMBDA, RegistrationOptions
+        from .predict import AdaptationOptions
+
+        method = bestReadyMethod(modelPath) if method is None else str(method).lower()
+        if method not in METHODS:
+            raise ValueError(f"unknown registration method {method!r}; choose one of {', '.join(METHODS)}")
+        if method != "optimize" and lambdaMapNode is not None:
+            raise ValueError(
+                "a user-drawn λ map works with the 'optimize' method only; the network predicts its own λ(x)"
+            )
+        steps = AdaptationOptions.steps if adaptationSteps is None else int(adaptationSteps)
+        if steps < 0:
+            raise ValueError(f"adaptation steps must be >= 0, got {adaptationSteps}")
 
         if fixedVolumeNode is None:
             raise ValueError("select a fixed volume")
@@ -219,6 +275,9 @@ class LearnedRegistrationLogic:
             movingVolumeNodeID=movingVolumeNode.GetID() or "",
             outputBaseName=movingName or "Moving",
             evaluationLabels=None if evaluationLabels is None else [int(v) for v in evaluationLabels],
+            method=method,
+            modelPath=None if modelPath is None else str(modelPath),
+            adaptationSteps=steps if method == "network+adapt" else 0,
         )
 
         if fixedMaskNode is not None:
@@ -295,32 +354,94 @@ class LearnedRegistrationLogic:
             ValueError: images the engine rejects (2D, NaN, empty, no overlap ...).
             optimize.RegistrationCancelled: when ``cancelRequested()`` returned True.
         """
-        from . import metrics as metricsLib
-        from .optimize import register_images
-        from .transforms import resample_image
-        from .visualization import checkerboard, difference
 
         def report(fraction: float, message: str) -> None:
             if progressCallback is not None:
                 progressCallback(float(fraction), message)
 
-        def engineProgress(fraction: float, message: str) -> None:
-            report(0.95 * fraction, message)
+        session = None
+        if request.method == "optimize":
+            from .optimize import register_images
 
-        result = register_images(
+            result = register_images(
+                request.fixed,
+                request.fixedGrid,
+                request.moving,
+                request.movingGrid,
+                request.options,
+                fixed_mask=request.fixedMask,
+                lambda_map=request.lambdaMap,
+                progress=lambda fraction, message: report(0.95 * fraction, message),
+                cancel=cancelRequested,
+            )
+        else:
+            session = self._networkSession(request, report, cancelRequested)
+            result = session.predict(request.options.regularization_weight)
+        report(0.95, "computing metrics")
+        computed = self._derive(request, result, session)
+        report(1.0, "done")
+        return computed
+
+    def loadNetwork(self, modelPath=None):
+        """(network, metadata) from ``modelPath`` (None = the shipped weights), cached per file.
+
+        Raises:
+            checkpoint.CheckpointNotFoundError, checkpoint.CheckpointError: a missing, corrupt or
+                incompatible weights file (the message names the file).
+        """
+        from pathlib import Path
+
+        from .checkpoint import CheckpointNotFoundError, load_checkpoint
+        from .predict import DEFAULT_MODEL_PATH
+
+        path = Path(modelPath) if modelPath is not None else DEFAULT_MODEL_PATH
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"network weights file '{path}' does not exist")
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        if key not in self._networks:
+            self._networks[key] = load_checkpoint(path)
+        return self._networks[key]
+
+    def _networkSession(self, request: RegistrationRequest, report, cancelRequested):
+        """Affine stage of the optimizer, then a :class:`predict.NetworkRegistration` (adapted if asked)."""
+        from .optimize import register_images
+        from .predict import AdaptationOptions, NetworkRegistration
+
+        network, metadata = self.loadNetwork(request.modelPath)
+        affineOnly = replace(request.options, deformable_spacings_mm=(), deformable_iterations=())
+        report(0.0, "affine alignment")
+        affine = register_images(
             request.fixed,
             request.fixedGrid,
             request.moving,
             request.movingGrid,
-            request.options,
+            affineOnly,
             fixed_mask=request.fixedMask,
-            lambda_map=request.lambdaMap,
-            progress=engineProgress,
+            progress=lambda fraction, message: report(0.3 * fraction, message),
             cancel=cancelRequested,
+        ).affine_ras
+        report(0.3, "network: encoding the pair")
+        session = NetworkRegistration(
+            network, metadata, request.fixed, request.fixedGrid, request.moving, request.movingGrid, affine,
+            request.options.device,
         )
-        report(0.95, "computing metrics")
+        if request.adaptationSteps > 0:
+            session.adapt(
+                AdaptationOptions.with_steps(request.adaptationSteps),
+                progress=lambda fraction, message: report(0.35 + 0.6 * fraction, message),
+                cancel=cancelRequested,
+            )
+        return session
+
+    def _derive(self, request: RegistrationRequest, result, session=None) -> ComputedRegistration:
+        """Metrics, warped labels, checkerboard and difference of an engine result (any thread)."""
+        from . import metrics as metricsLib
+        from .transforms import resample_image
+        from .visualization import checkerboard, difference
+
         fixedGrid = request.fixedGrid
         metrics: dict = {
+            "method": request.method,
             "lambda": float(result.regularization_weight),
             "similarity": result.similarity,
             "device": result.device,
@@ -328,6 +449,8 @@ class LearnedRegistrationLogic:
             "folding_percent": float(metricsLib.folding_percent(result.jacobian, request.fixedMask)),
             "sdlogj": float(metricsLib.sdlogj(result.jacobian, request.fixedMask)),
         }
+        if session is not None:
+            metrics["adaptation_steps"] = int(session.adapted_steps)
 
         warpedLabels = None
         if request.movingLabels is not None:
@@ -362,8 +485,45 @@ class LearnedRegistrationLogic:
 
         board = checkerboard(request.fixed, result.warped, fixedGrid, request.checkerboardSquareMm)
         diff = difference(request.fixed, result.warped)
-        report(1.0, "done")
-        return ComputedRegistration(result, board, diff, warpedLabels, metrics)
+        return ComputedRegistration(result, board, diff, warpedLabels, metrics, session)
+
+    # ------------------------------------------------------------------------------------ interactive λ
+    def canSetRegularizationInstantly(self) -> bool:
+        """True when a network registration is in memory (:meth:`setRegularization` needs no new run)."""
+        return self._interactive is not None
+
+    def networkSession(self):
+        """The :class:`predict.NetworkRegistration` of the last network registration written, or None.
+
+        For scripting: e.g. ``session.weight_map()`` (λ(x) before scaling by λ) or ``session.predict(λ)``.
+        """
+        return None if self._interactive is None else self._interactive[1]
+
+    def setRegularization(self, regularizationWeight: float) -> RegistrationOutputNodes:
+        """Re-evaluate the last network registration at a new λ and update its output nodes in place.
+
+        Only the λ-conditioned decoder runs again (the pair's encoder features, affine and
+        adaptation are kept), then every output (warped, displacement, transform, checkerboard,
+        difference, Jacobian, λ map, warped labels, metrics) is rewritten into the same nodes, all
+        or nothing (main thread).
+
+        Returns:
+            The (same) output nodes, with the new metrics.
+
+        Raises:
+            RuntimeError: no network registration has been written yet (run one with
+                ``method="network"`` or ``"network+adapt"`` first).
+            ValueError: λ outside [0, 1].
+        """
+        if self._interactive is None:
+            raise RuntimeError("no network registration in memory: register with method 'network' or 'network+adapt' first")
+        request, session, outputs = self._interactive
+        lam = float(regularizationWeight)
+        if not 0.0 <= lam <= 1.0 or math.isnan(lam):
+            raise ValueError(f"λ must be in [0, 1], got {regularizationWeight}")
+        request = replace(request, options=replace(request.options, regularization_weight=lam))
+        computed = self._derive(request, session.predict(lam), session)
+        return self.writeOutputs(request, computed, outputs)
 
     # ------------------------------------------------------------------------------------ write
     def writeOutputs(
@@ -461,6 +621,8 @@ class LearnedRegistrationLogic:
             raise
         finally:
             scene.EndState(scene.BatchProcessState)
+        # The slider (setRegularization) follows the last registration written.
+        self._interactive = (request, computed.session, outputs) if computed.session is not None else None
         return outputs
 
     # ------------------------------------------------------------------------------------ all

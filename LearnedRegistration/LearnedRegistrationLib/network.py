@@ -18,14 +18,22 @@ Given a fixed and a moving image on the same grid and the user's regularization 
 Conditioning on λ: **conditional instance normalization** (CIN, Mok & Chung, "Conditional
 deformable image registration with convolutional neural network", MICCAI 2021, cLapIRN), i.e.
 instance normalization followed by a FiLM scale and shift (Perez et al., AAAI 2018) computed from
-λ by a small shared MLP, at *every* convolution of encoder, decoder and heads. We chose it over a
-HyperMorph hypernetwork because a hypernetwork must emit every convolution weight, so its last
-layer alone is ``hidden × (number of weights)`` parameters (tens of MB for this U-Net), while CIN
-adds only ``2 × channels`` outputs per layer: the whole model stays around 1 MB of float32, far
-under the 20 MB budget for shipped weights, and it modulates every level just as well (cLapIRN
-reports the same smoothness control as HyperMorph). Instance normalization also removes the
-global contrast and scale of each feature map, which suits contrast-agnostic training
-(SynthMorph, Hoffmann et al., IEEE TMI 2022).
+λ by a small shared MLP, at every convolution of the decoder and the heads, so λ modulates every
+resolution level of the U-Net. We chose it over a HyperMorph hypernetwork because a hypernetwork
+must emit every convolution weight, so its last layer alone is ``hidden × (number of weights)``
+parameters (tens of MB for this U-Net), while CIN adds only ``2 × channels`` outputs per layer:
+the model stays around 1 MB of float32, far under the 20 MB budget for shipped weights (cLapIRN
+reports the same smoothness control as HyperMorph). The *encoder* is deliberately λ-free (plain
+instance normalization): its features depend on the image pair only, so :meth:`encode` runs once
+per pair and a slider move re-runs only :meth:`decode` — the part of the network that λ needs.
+Instance normalization also removes the global contrast of each feature map, which suits
+contrast-agnostic training (SynthMorph, Hoffmann et al., IEEE TMI 2022).
+
+Output resolution: the decoder stops at level ``output_level`` (1 = half the input resolution,
+like the optimizer's velocity control grid at twice the finest image spacing); velocity and λ(x)
+are predicted there, the velocity is integrated there, and displacement and λ(x) are up-sampled
+trilinearly to the input grid. Because the fields are in normalized units over the same physical
+extent (``align_corners=True``), the coarse and fine tensors describe the same transform.
 
 Input sizes: every axis must be divisible by ``2 ** levels`` (and give a bottleneck of at least
 2 voxels for the instance normalization). :meth:`RegistrationNetwork.forward` pads any input to
@@ -48,7 +56,7 @@ from .grid import ALIGN_CORNERS
 from .transforms import integrate_svf
 
 #: Bump when the architecture changes in a way old checkpoints cannot load into.
-ARCHITECTURE_VERSION = 1
+ARCHITECTURE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -58,18 +66,20 @@ class NetworkConfig:
     Attributes:
         encoder_features: channels at each resolution level, full resolution first; its length is
             ``levels + 1`` (level 0 is full resolution, level ``i`` is down-sampled by ``2 ** i``).
-        decoder_features: channels of the decoder blocks from level ``levels - 1`` up to level 0
-            (length ``levels``).
-        head_features: channels of the extra full-resolution block shared by both heads.
+        decoder_features: channels of the decoder blocks from level ``levels - 1`` up to level
+            ``output_level`` (length ``levels - output_level``).
+        head_features: channels of the extra block at ``output_level`` shared by both heads.
+        output_level: resolution level of the predicted fields (0 = input resolution, 1 = half).
         condition_features: width of the MLP that embeds λ for the CIN layers.
         integration_steps: scaling-and-squaring steps for ``exp(v)``.
         weight_map_init: initial value of λ(x) everywhere (bias of the sigmoid head), in (0, 1).
         negative_slope: LeakyReLU slope.
     """
 
-    encoder_features: tuple[int, ...] = (16, 32, 32, 32, 32)
-    decoder_features: tuple[int, ...] = (32, 32, 32, 16)
+    encoder_features: tuple[int, ...] = (8, 16, 32, 32, 32)
+    decoder_features: tuple[int, ...] = (32, 32, 32)
     head_features: int = 16
+    output_level: int = 1
     condition_features: int = 64
     integration_steps: int = 7
     weight_map_init: float = 0.5
@@ -82,10 +92,13 @@ class NetworkConfig:
         object.__setattr__(self, "decoder_features", dec)
         if len(enc) < 2 or min(enc) < 1:
             raise ValueError(f"NetworkConfig 'encoder_features' needs >= 2 positive channel counts, got {enc}")
-        if len(dec) != len(enc) - 1 or min(dec) < 1:
+        if not 0 <= int(self.output_level) < len(enc) - 1:
+            raise ValueError(f"NetworkConfig 'output_level' must be in [0, {len(enc) - 2}], got {self.output_level}")
+        want = len(enc) - 1 - int(self.output_level)
+        if len(dec) != want or min(dec) < 1:
             raise ValueError(
-                f"NetworkConfig 'decoder_features' needs {len(enc) - 1} positive channel counts "
-                f"(one per level below full resolution), got {dec}"
+                f"NetworkConfig 'decoder_features' needs {want} positive channel counts "
+                f"(one per level from {len(enc) - 2} up to output_level {self.output_level}), got {dec}"
             )
         if int(self.head_features) < 1 or int(self.condition_features) < 1:
             raise ValueError("NetworkConfig 'head_features' and 'condition_features' must be positive")
@@ -227,6 +240,33 @@ class ConvBlock(nn.Module):
         return F.leaky_relu(self.norm(self.conv(x), embedding), self.negative_slope)
 
 
+class EncoderBlock(nn.Module):
+    """3x3x3 convolution (optionally stride 2) -> instance norm -> LeakyReLU; λ-free (cacheable)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, kernel_size=3, stride=stride, padding=1)
+        self.norm = nn.InstanceNorm3d(cout, affine=True)
+        self.negative_slope = negative_slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.norm(self.conv(x)), self.negative_slope)
+
+
+class EncodedPair(NamedTuple):
+    """λ-free encoder features of one image pair (:meth:`RegistrationNetwork.encode`).
+
+    Attributes:
+        skips: feature maps of every level, full resolution first, on the padded grid.
+        padding: ``F.pad``-order padding applied to the input (:func:`pad_to_multiple`).
+        shape: (Z, Y, X) of the unpadded input.
+    """
+
+    skips: list
+    padding: tuple
+    shape: tuple
+
+
 # --------------------------------------------------------------------------------- network
 class RegistrationNetwork(nn.Module):
     """λ-conditioned U-Net: (fixed, moving, λ) -> (velocity, displacement, λ(x)); see the module docstring.
@@ -246,9 +286,9 @@ class RegistrationNetwork(nn.Module):
         slope = config.negative_slope
         self.condition = nn.Sequential(nn.Linear(1, emb), nn.ReLU(), nn.Linear(emb, emb), nn.ReLU())
         enc = config.encoder_features
-        self.encoder = nn.ModuleList([ConvBlock(2, enc[0], emb, 1, slope)])
+        self.encoder = nn.ModuleList([EncoderBlock(2, enc[0], 1, slope)])
         for i in range(1, len(enc)):
-            self.encoder.append(ConvBlock(enc[i - 1], enc[i], emb, 2, slope))
+            self.encoder.append(EncoderBlock(enc[i - 1], enc[i], 2, slope))
         self.decoder = nn.ModuleList()
         below = enc[-1]
         for i, cout in enumerate(config.decoder_features):
@@ -280,8 +320,75 @@ class RegistrationNetwork(nn.Module):
             raise ValueError(f"RegistrationNetwork 'lam' must be in [0, 1], got {lam.tolist()}")
         return lam
 
+    def _check_pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> None:
+        if fixed.dim() != 5 or fixed.shape[1] != 1:
+            raise ValueError(f"RegistrationNetwork 'fixed' must have shape (N, 1, Z, Y, X), got {tuple(fixed.shape)}")
+        if moving.shape != fixed.shape:
+            raise ValueError(
+                f"RegistrationNetwork 'moving' must have the fixed image's shape {tuple(fixed.shape)}, got {tuple(moving.shape)}"
+            )
+
+    def encode(self, fixed: torch.Tensor, moving: torch.Tensor) -> EncodedPair:
+        """λ-free encoder pass of a pair (cache it: every λ reuses it through :meth:`decode`).
+
+        Args:
+            fixed, moving: (N, 1, Z, Y, X) images on the same grid, intensities about [0, 1].
+
+        Raises:
+            ValueError: on shape mismatch.
+        """
+        self._check_pair(fixed, moving)
+        x, padding = pad_to_multiple(torch.cat([fixed, moving], dim=1), self.config.divisor)
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        return EncodedPair(skips, padding, tuple(fixed.shape[2:]))
+
+    def decode_coarse(self, encoded: EncodedPair, lam) -> NetworkOutput:
+        """λ-conditioned decoder and heads, fields left on the output level of the *padded* grid.
+
+        The tensors span the padded input's extent with ``2 ** output_level`` times fewer voxels
+        per axis; the velocity and displacement are in that extent's normalized units (which, with
+        ``align_corners=True``, are the same at any resolution). Callers that pad the input
+        themselves to multiples of :attr:`NetworkConfig.divisor` (no internal padding) can sample
+        these directly at any point of the input grid's normalized frame, the fastest path for a
+        slider move. Use :meth:`decode` for fields on the input grid.
+        """
+        skips = list(encoded.skips)
+        x = skips[-1]
+        lam = self._check_lambda(lam, x.shape[0], x.device, x.dtype)
+        embedding = self.condition(lam.unsqueeze(1))
+        level = len(skips) - 1
+        for block in self.decoder:
+            level -= 1
+            skip = skips[level]
+            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=ALIGN_CORNERS)
+            x = block(torch.cat([x, skip], dim=1), embedding)
+        x = self.head(x, embedding)
+        velocity = self.velocity_head(x)
+        weight_map = torch.sigmoid(self.weight_head(x))
+        # Integrate on the coarse padded grid: room for the flow at the border, and 8x fewer voxels.
+        displacement = integrate_svf(velocity, self.config.integration_steps)
+        return NetworkOutput(velocity, displacement, weight_map)
+
+    def decode(self, encoded: EncodedPair, lam) -> NetworkOutput:
+        """λ-conditioned decoder and heads on cached encoder features; see :meth:`forward`."""
+        velocity, displacement, weight_map = self.decode_coarse(encoded, lam)
+        padded = encoded.skips[0].shape[2:]
+        if tuple(velocity.shape[2:]) != tuple(padded):
+            up = dict(size=padded, mode="trilinear", align_corners=ALIGN_CORNERS)
+            velocity, displacement, weight_map = (F.interpolate(t, **up) for t in (velocity, displacement, weight_map))
+        # Crop the padding and express the fields in the input grid's normalized units.
+        shape, padding = encoded.shape, encoded.padding
+        velocity = rescale_normalized_field(crop_padding(velocity, padding), padded, shape)
+        displacement = rescale_normalized_field(crop_padding(displacement, padding), padded, shape)
+        return NetworkOutput(velocity, displacement, crop_padding(weight_map, padding))
+
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, lam) -> NetworkOutput:
         """Predict the registration of ``moving`` onto ``fixed`` at regularization weight ``lam``.
+
+        Same as ``decode(encode(fixed, moving), lam)``.
 
         Args:
             fixed: (N, 1, Z, Y, X) fixed image, intensities about [0, 1].
@@ -294,32 +401,6 @@ class RegistrationNetwork(nn.Module):
         Raises:
             ValueError: on shape mismatch or λ outside [0, 1].
         """
-        if fixed.dim() != 5 or fixed.shape[1] != 1:
-            raise ValueError(f"RegistrationNetwork 'fixed' must have shape (N, 1, Z, Y, X), got {tuple(fixed.shape)}")
-        if moving.shape != fixed.shape:
-            raise ValueError(
-                f"RegistrationNetwork 'moving' must have the fixed image's shape {tuple(fixed.shape)}, got {tuple(moving.shape)}"
-            )
-        lam = self._check_lambda(lam, fixed.shape[0], fixed.device, fixed.dtype)
-        embedding = self.condition(lam.unsqueeze(1))
-        x, padding = pad_to_multiple(torch.cat([fixed, moving], dim=1), self.config.divisor)
-        skips = []
-        for block in self.encoder:
-            x = block(x, embedding)
-            skips.append(x)
-        x = skips.pop()
-        for block in self.decoder:
-            skip = skips.pop()
-            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=ALIGN_CORNERS)
-            x = block(torch.cat([x, skip], dim=1), embedding)
-        x = self.head(x, embedding)
-        velocity = self.velocity_head(x)
-        weight_map = torch.sigmoid(self.weight_head(x))
-        # Integrate on the padded grid (room for the flow at the border), then crop and express the
-        # fields in the input grid's normalized units.
-        displacement = integrate_svf(velocity, self.config.integration_steps)
-        padded = velocity.shape[2:]
-        shape = fixed.shape[2:]
-        velocity = rescale_normalized_field(crop_padding(velocity, padding), padded, shape)
-        displacement = rescale_normalized_field(crop_padding(displacement, padding), padded, shape)
-        return NetworkOutput(velocity, displacement, crop_padding(weight_map, padding))
+        self._check_pair(fixed, moving)
+        self._check_lambda(lam, fixed.shape[0], fixed.device, fixed.dtype)
+        return self.decode(self.encode(fixed, moving), lam)

@@ -215,7 +215,7 @@ def validate_volume(name: str, image: np.ndarray, grid: ImageGrid) -> np.ndarray
     return image
 
 
-def _normalize_intensity(image: np.ndarray) -> np.ndarray:
+def normalize_intensity(image: np.ndarray) -> np.ndarray:
     """Robust rescale to about [0, 1] (0.5th-99.5th percentile), so losses and κ have a known scale."""
     sample = image.reshape(-1)[:: max(1, image.size // 2_000_000)]
     lo, hi = np.percentile(sample, [0.5, 99.5])
@@ -511,8 +511,8 @@ def register_images(
     moving_for_similarity = moving
     if opts.similarity == "mse" and opts.histogram_matching:
         moving_for_similarity = match_histogram(moving, fixed)
-    fixed_t = torch.as_tensor(_normalize_intensity(fixed), device=device)[None, None]
-    moving_t = torch.as_tensor(_normalize_intensity(moving_for_similarity), device=device)[None, None]
+    fixed_t = torch.as_tensor(normalize_intensity(fixed), device=device)[None, None]
+    moving_t = torch.as_tensor(normalize_intensity(moving_for_similarity), device=device)[None, None]
     mask_t = None if fixed_mask is None else torch.as_tensor((fixed_mask > 0).astype(np.float32), device=device)[None, None]
     lam_t = torch.as_tensor(lam_map, device=device)[None, None]
 

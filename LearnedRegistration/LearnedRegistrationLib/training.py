@@ -5,7 +5,10 @@ For a synthesized pair (:mod:`synthesis`) and a λ drawn per pair (:func:`sample
 ``loss = (1 - λ) · (1 - softDice(moving_onehot ∘ exp(v), fixed_onehot))
         + λ · κ · mean_x λ(x) |∇v|²  +  γ · BetaNLL(λ(x); α, β)``
 
-- soft Dice over the foreground label channels (SynthMorph, Hoffmann et al., IEEE TMI 2022);
+- soft Dice over the foreground label channels (SynthMorph, Hoffmann et al., IEEE TMI 2022),
+  evaluated on every ``dice_stride``-th voxel along each axis from a random offset per step (an
+  unbiased estimate of the full-grid Dice at ``1 / stride³`` of the cost of warping ~30 one-hot
+  channels, which otherwise dominates a CPU training step);
 - ``v`` the predicted velocity in mm along the grid axes, ``|∇v|²`` per mm² summed over components
   and directions (:func:`regularization.weighted_diffusion`), weighted per voxel by the predicted
   map λ(x) (Chen et al., spatially varying regularization), by default divided by its image mean
@@ -25,7 +28,7 @@ import torch
 from .network import NetworkOutput, RegistrationNetwork
 from .regularization import beta_prior_nll, weighted_diffusion
 from .synthesis import SynthesizedPair, one_hot
-from .transforms import warp
+from .transforms import grid_sample, identity_grid
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class LossConfig:
     prior_beta: float = 2.0
     endpoint_probability: float = 0.1
     normalize_weight_map: bool = True
+    dice_stride: int = 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +96,27 @@ def soft_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tens
     return ((2 * inter + eps) / (total + eps)).mean(1)
 
 
+def warped_labels_at(
+    moving_onehot: torch.Tensor, displacement: torch.Tensor, stride: int = 1, offset: Sequence[int] = (0, 0, 0)
+) -> torch.Tensor:
+    """Warp soft labels, but only at the voxels ``offset + stride · k`` of each axis.
+
+    Args:
+        moving_onehot: (N, C, Z, Y, X) soft labels on the fixed grid's extent.
+        displacement: (N, 3, Z, Y, X) normalized resampling displacement (x, y, z) on that grid.
+        stride: keep every ``stride``-th voxel along each axis.
+        offset: (z, y, x) first voxel kept, each in ``[0, stride)``.
+
+    Returns:
+        (N, C, Z', Y', X') ``moving(p + u(p))`` at the kept voxels ``p``.
+    """
+    oz, oy, ox = (int(o) for o in offset)
+    pick = (slice(oz, None, stride), slice(oy, None, stride), slice(ox, None, stride))
+    points = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype)[(slice(None), *pick)]
+    points = points + displacement[(slice(None), slice(None), *pick)].permute(0, 2, 3, 4, 1)
+    return grid_sample(moving_onehot, points, "linear", padding_mode="zeros")
+
+
 def registration_loss(
     output: NetworkOutput,
     pair: SynthesizedPair,
@@ -99,11 +124,17 @@ def registration_loss(
     label_values: Sequence[int],
     spacing_mm: float,
     config: LossConfig = LossConfig(),
+    dice_offset: Sequence[int] = (0, 0, 0),
 ) -> LossTerms:
-    """The training loss (module docstring) for one batch; ``lam`` (N,), grid spacing ``spacing_mm`` (isotropic)."""
-    fixed_onehot = one_hot(pair.fixed_labels, label_values)
+    """The training loss (module docstring) for one batch; ``lam`` (N,), grid spacing ``spacing_mm`` (isotropic).
+
+    ``dice_offset`` (z, y, x), each in ``[0, config.dice_stride)``: first voxel of the Dice subsample.
+    """
+    stride = int(config.dice_stride)
+    oz, oy, ox = (int(o) for o in dice_offset)
+    fixed_onehot = one_hot(pair.fixed_labels[:, :, oz::stride, oy::stride, ox::stride], label_values)
     moving_onehot = one_hot(pair.moving_labels, label_values)
-    warped = warp(moving_onehot, output.displacement)
+    warped = warped_labels_at(moving_onehot, output.displacement, stride, (oz, oy, ox))
     dice = soft_dice(warped, fixed_onehot)  # (N,)
     shape = output.velocity.shape[2:]
     unit = torch.tensor([spacing_mm * (n - 1) / 2.0 for n in reversed(shape)], device=lam.device, dtype=output.velocity.dtype)
@@ -126,12 +157,13 @@ def train_step(
     label_values: Sequence[int],
     spacing_mm: float,
     config: LossConfig = LossConfig(),
+    dice_offset: Sequence[int] = (0, 0, 0),
 ) -> LossTerms:
     """One optimizer step on ``pair``; returns the detached loss terms."""
     network.train()
     optimizer.zero_grad(set_to_none=True)
     output = network(pair.fixed, pair.moving, lam)
-    terms = registration_loss(output, pair, lam, label_values, spacing_mm, config)
+    terms = registration_loss(output, pair, lam, label_values, spacing_mm, config, dice_offset)
     terms.loss.backward()
     optimizer.step()
     return LossTerms(*(t.detach() for t in terms))

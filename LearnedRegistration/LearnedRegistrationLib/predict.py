@@ -1,0 +1,363 @@
+"""Registration with the λ-conditioned network: one pair in memory, any λ in a fraction of a second.
+
+:class:`NetworkRegistration` binds a loaded :class:`network.RegistrationNetwork` to one
+fixed/moving pair:
+
+1. **prepare** (once per pair): the moving image is affinely aligned first (the caller passes the
+   optimizer's affine, :func:`optimize.register_images` without deformable levels); both images
+   are normalized (:func:`optimize.normalize_intensity`), box-filtered to the working spacing and
+   resampled onto the network's *working grid*: the checkpoint's spacing and axis directions
+   (isotropic, LIA for the shipped brain model), covering the fixed image's extent, each axis a
+   multiple of the network's divisor so no padding happens inside the network. The λ-free encoder
+   runs once (:meth:`RegistrationNetwork.encode`) and its features are cached, as are the fixed
+   voxels' positions in the working frame and the affine part of the displacement.
+2. **predict(λ)**: only the λ-conditioned decoder runs (:meth:`RegistrationNetwork.decode_coarse`);
+   its coarse displacement is sampled trilinearly at every fixed voxel (physical space, so any
+   size, spacing and orientation of the fixed image works) and composed with the affine:
+   ``d(x) = A(x + u(x)) - x`` in RAS mm, the resampling convention of the whole project.
+3. **adapt** (optional, test-time adaptation): instance optimization *started from the network's
+   prediction*, at a few knots of λ (default 0.1, 0.25, 0.5, 0.75), each warm-started from the
+   previous knot. What is optimized is a residual velocity ``r_k`` per knot on the network's own
+   velocity grid, with the optimizer path's loss (:mod:`optimize`) on the working grid:
+   ``(1 - λ)·MSE(fixed, moving∘exp(v)) + κ·mean_x λ·λ̂(x)|∇v|² + γ·negJac``, ``v = v_net(λ) + r``,
+   ``λ̂(x) = λ(x) / mean λ(x)`` the network's map. Afterwards ``predict(λ)`` adds the residual
+   interpolated linearly in λ between knots (constant below the first, fading to 0 at λ = 1), so
+   the slider stays instant. The network itself is never trained here: the shipped weights on
+   disk and in any cached network stay as they are.
+
+Outputs are :class:`optimize.RegistrationResult` objects, so the logic writes them exactly like the
+optimizer's. ``lambda_map`` is the effective regularization weight ``λ · λ(x)`` (Chen et al.,
+"Unsupervised learning of spatially varying regularization for diffeomorphic image registration").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .filters import box_mean
+from .grid import ImageGrid
+from .metrics import jacobian_map
+from .network import RegistrationNetwork
+from .optimize import (
+    REGULARIZATION_SCALE,
+    RegistrationCancelled,
+    RegistrationResult,
+    choose_device,
+    match_histogram,
+    normalize_intensity,
+    validate_volume,
+)
+from .regularization import negative_jacobian_penalty, weighted_diffusion
+from .transforms import grid_sample, integrate_svf, normalized_to_mm, resample_image, resize_field, sampling_grid, warp
+
+#: Folder of the shipped network weights (a Slicer module resource).
+MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+#: The shipped model: trained by ``scripts/train.py`` (see its metadata and the README).
+DEFAULT_MODEL_PATH = MODELS_DIR / "lambda_synthmorph_2mm.pt"
+
+ProgressCallback = Callable[[float, str], None]
+CancelCallback = Callable[[], bool]
+
+
+def default_model_path() -> Optional[Path]:
+    """The shipped weights file, or None when it is not there (a source checkout without weights)."""
+    return DEFAULT_MODEL_PATH if DEFAULT_MODEL_PATH.is_file() else None
+
+
+# --------------------------------------------------------------------------------- working grid
+def working_grid(center_ras, fov_mm, spacing_mm: float, divisor: int, direction) -> ImageGrid:
+    """Isotropic grid of ``spacing_mm`` with column directions ``direction`` (3x3, RAS), centred on
+    ``center_ras``, covering ``fov_mm`` along its (Z, Y, X) = (K, J, I) axes, each axis rounded up to
+    a multiple of ``divisor``."""
+    shape = tuple(int(math.ceil(max(1, math.ceil(f / spacing_mm - 1e-6)) / divisor) * divisor) for f in fov_mm)
+    direction = np.asarray(direction, dtype=np.float64)
+    half = spacing_mm * (np.asarray(shape[::-1], dtype=np.float64) - 1.0) / 2.0  # along I, J, K
+    origin = np.asarray(center_ras, dtype=np.float64) - direction @ half
+    return ImageGrid(shape, (spacing_mm,) * 3, origin, direction)
+
+
+def working_grid_for(fixed_grid: ImageGrid, spacing_mm: float, divisor: int, direction) -> ImageGrid:
+    """:func:`working_grid` covering the fixed image's bounding box (in the working directions)."""
+    direction = np.asarray(direction, dtype=np.float64)
+    size = np.asarray(fixed_grid.size_ijk, dtype=np.float64) - 1.0
+    corners = np.array([[i, j, k, 1.0] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])])
+    ras = (fixed_grid.ijk_to_ras @ corners.T)[:3].T
+    local = ras @ direction  # coordinates along the working I, J, K axes
+    low, high = local.min(axis=0), local.max(axis=0)
+    center = direction @ ((low + high) / 2.0)
+    # voxel-edge extent (first to last centre plus one fixed voxel), so 224 x 1 mm gives 112 x 2 mm
+    fov_kji = (high - low + min(fixed_grid.spacing))[::-1]
+    return working_grid(center, fov_kji, spacing_mm, divisor, direction)
+
+
+def smooth_for_spacing(image: np.ndarray, grid: ImageGrid, spacing_mm: float) -> np.ndarray:
+    """Box-filter a (Z, Y, X) image to about ``spacing_mm`` before down-sampling (anti-aliasing)."""
+    width = [int(round(spacing_mm / s)) // 2 * 2 + 1 for s in grid.spacing]
+    if max(width) <= 1:
+        return image
+    with torch.no_grad():
+        return box_mean(torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))[None, None], width)[0, 0].numpy()
+
+
+def to_working_grid(image: np.ndarray, grid: ImageGrid, work: ImageGrid, affine_ras=None, normalize: bool = True) -> np.ndarray:
+    """Network input: normalized to about [0, 1], anti-aliased, resampled onto ``work``, clipped to [0, 1]."""
+    if normalize:
+        image = normalize_intensity(image)
+    image = smooth_for_spacing(image, grid, max(work.spacing))
+    return np.clip(resample_image(image, grid, work, affine_ras=affine_ras), 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------- adaptation
+@dataclass(frozen=True)
+class AdaptationOptions:
+    """Test-time adaptation settings (:meth:`NetworkRegistration.adapt`).
+
+    Attributes:
+        steps: Adam steps at each knot after the first (warm-started from the previous knot).
+        first_steps: Adam steps at the first knot, on the working grid; they follow
+            ``coarse_steps`` steps on the working grid down-sampled 2x (the optimizer's
+            coarse-to-fine schedule, since the first knot starts from the bare network prediction).
+        coarse_steps: see ``first_steps``.
+        knots: λ values at which the residual velocity is optimized (increasing, in (0, 1)).
+        learning_rate_vox: Adam step of the residual velocity, in voxels of the velocity grid.
+        jacobian_penalty: γ, weight of the penalty on non-positive Jacobian determinants.
+    """
+
+    steps: int = 15
+    first_steps: int = 40
+    coarse_steps: int = 60
+    knots: tuple = (0.1, 0.25, 0.5, 0.75)
+    learning_rate_vox: float = 0.5
+    jacobian_penalty: float = 1.0
+
+    def validated(self) -> "AdaptationOptions":
+        if min(int(self.steps), int(self.first_steps), int(self.coarse_steps)) < 0:
+            raise ValueError(f"adaptation step counts must be >= 0, got {self.steps}, {self.first_steps}, {self.coarse_steps}")
+        knots = [float(k) for k in self.knots]
+        if not knots or any(not 0.0 < k < 1.0 for k in knots) or sorted(set(knots)) != knots:
+            raise ValueError(f"adaptation 'knots' must be increasing values in (0, 1), got {self.knots}")
+        if not self.learning_rate_vox > 0:
+            raise ValueError(f"adaptation 'learning_rate_vox' must be positive, got {self.learning_rate_vox}")
+        return self
+
+    @classmethod
+    def with_steps(cls, steps: int) -> "AdaptationOptions":
+        """The default schedule scaled to ``steps`` per later knot (15 = the default: 60 coarse, 40 + 3 x 15 fine)."""
+        steps = int(steps)
+        return cls(steps=steps, first_steps=int(round(steps * 8 / 3)), coarse_steps=4 * steps)
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.coarse_steps) + int(self.first_steps) + int(self.steps) * (len(self.knots) - 1)
+
+
+# --------------------------------------------------------------------------------- session
+class NetworkRegistration:
+    """A network bound to one fixed/moving pair (see the module docstring).
+
+    Args:
+        network: a loaded network (it is copied, never modified).
+        metadata: its checkpoint metadata; ``metadata["working_grid"]`` gives ``spacing_mm`` and
+            ``direction_ras`` (3x3 column directions) of the training grid.
+        fixed: (Z, Y, X) fixed image on ``fixed_grid`` (any size, spacing, orientation).
+        moving: (Z, Y, X) moving image on ``moving_grid``.
+        affine_ras: (4, 4) resampling affine in RAS mm aligning moving to fixed (None = identity).
+        device: "cpu", "cuda" or None (automatic).
+
+    Raises:
+        ValueError: bad images (see :func:`optimize.validate_volume`) or metadata without a working grid.
+    """
+
+    def __init__(
+        self,
+        network: RegistrationNetwork,
+        metadata: dict,
+        fixed: np.ndarray,
+        fixed_grid: ImageGrid,
+        moving: np.ndarray,
+        moving_grid: ImageGrid,
+        affine_ras: Optional[np.ndarray] = None,
+        device: Optional[str] = None,
+    ) -> None:
+        start = time.perf_counter()
+        fixed = validate_volume("fixed", fixed, fixed_grid)
+        moving = validate_volume("moving", moving, moving_grid)
+        spec = (metadata or {}).get("working_grid") or {}
+        if "spacing_mm" not in spec or "direction_ras" not in spec:
+            raise ValueError("the network's metadata has no 'working_grid' with 'spacing_mm' and 'direction_ras'")
+        self.device = choose_device(device)
+        self.network = copy.deepcopy(network).to(self.device).eval()
+        self.metadata = metadata
+        self.fixed, self.fixed_grid = fixed, fixed_grid
+        self.moving, self.moving_grid = moving, moving_grid
+        self.affine_ras = np.eye(4) if affine_ras is None else np.asarray(affine_ras, dtype=np.float64)
+        self.adapted_steps = 0
+        self.residuals: list = []  # [(λ knot, (1, 3, z, y, x) residual velocity)], see adapt()
+        self.work = working_grid_for(fixed_grid, float(spec["spacing_mm"]), network.config.divisor, spec["direction_ras"])
+        self.fixed_work = torch.as_tensor(to_working_grid(fixed, fixed_grid, self.work))[None, None].to(self.device)
+        self.moving_work = torch.as_tensor(to_working_grid(moving, moving_grid, self.work, self.affine_ras))[None, None].to(self.device)
+        with torch.no_grad():
+            self.encoded = self.network.encode(self.fixed_work, self.moving_work)
+            self._prepare_full_resolution()
+        self.prepare_s = time.perf_counter() - start
+
+    def _prepare_full_resolution(self) -> None:
+        """Cache what every λ needs at the fixed voxels: their working-frame positions, the affine
+        part of the displacement, their moving-frame positions, and the two 3x3 maps from a
+        normalized working displacement to RAS mm and to the moving image's normalized frame."""
+        self.points = sampling_grid(self.fixed_grid, self.work, device=self.device)  # (1, Z, Y, X, 3)
+        a3 = self.affine_ras[:3, :3]
+        ras = self.fixed_grid.world_points()  # (Z, Y, X, 3) RAS mm
+        affine_moved = ras @ a3.T + self.affine_ras[:3, 3]
+        self.affine_displacement = torch.as_tensor((affine_moved - ras).astype(np.float32), device=self.device)
+        to_moving = self.moving_grid.ras_to_normalized
+        moving_points = affine_moved @ to_moving[:3, :3].T + to_moving[:3, 3]
+        self.moving_points = torch.as_tensor(moving_points.astype(np.float32), device=self.device)[None]
+        del ras, affine_moved, moving_points
+        # normalized working displacement (x, y, z) -> mm along working I, J, K -> RAS -> through A
+        to_ras = a3 @ np.asarray(self.work.direction) @ np.diag(self.work.normalized_unit_mm)
+        self.to_ras = torch.as_tensor(to_ras.T.astype(np.float32), device=self.device)
+        self.to_moving = torch.as_tensor((to_moving[:3, :3] @ to_ras).T.astype(np.float32), device=self.device)
+        self.moving_tensor = torch.as_tensor(np.ascontiguousarray(self.moving, dtype=np.float32), device=self.device)[None, None]
+
+    # ----------------------------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(self, lam: float) -> RegistrationResult:
+        """Registration at regularization weight ``lam`` ∈ [0, 1] on the fixed grid (see module docstring).
+
+        Raises:
+            ValueError: λ outside [0, 1].
+        """
+        lam = float(lam)
+        if not 0.0 <= lam <= 1.0 or math.isnan(lam):
+            raise ValueError(f"λ must be in [0, 1], got {lam}")
+        start = time.perf_counter()
+        out = self._decode(lam)
+        coarse = torch.cat([out.displacement, out.weight_map], dim=1)
+        sampled = grid_sample(coarse, self.points, "linear", padding_mode="border")[0]  # (4, Z, Y, X)
+        u = sampled[:3].permute(1, 2, 3, 0)  # (Z, Y, X, 3) normalized working units
+        displacement = torch.addmm(self.affine_displacement.view(-1, 3), u.reshape(-1, 3), self.to_ras).view(u.shape)
+        moving_points = torch.addmm(self.moving_points.view(-1, 3), u.reshape(-1, 3), self.to_moving).view(self.moving_points.shape)
+        warped = grid_sample(self.moving_tensor, moving_points, "linear", padding_mode="zeros")[0, 0]
+        displacement_ras = displacement.cpu().numpy()
+        result = RegistrationResult(
+            fixed_grid=self.fixed_grid,
+            warped=warped.cpu().numpy(),
+            displacement_ras=displacement_ras,
+            jacobian=jacobian_map(displacement_ras, self.fixed_grid),
+            lambda_map=(lam * sampled[3]).cpu().numpy(),
+            affine_ras=self.affine_ras,
+            velocity=out.velocity.cpu(),
+            velocity_grid=self.work.resized(out.velocity.shape[2:]),
+            runtime_s=time.perf_counter() - start,
+            device=str(self.device),
+            regularization_weight=lam,
+            similarity="network" if not self.adapted_steps else f"network+adapt({self.adapted_steps})",
+            history={"time_predict_s": time.perf_counter() - start, "time_prepare_s": self.prepare_s},
+        )
+        return result
+
+    def residual(self, lam: float) -> Optional[torch.Tensor]:
+        """Adapted residual velocity at ``lam`` (None before :meth:`adapt`): linear between knots,
+        the first knot's below it, fading linearly to zero between the last knot and λ = 1."""
+        if not self.residuals:
+            return None
+        knots = [k for k, _ in self.residuals] + [1.0]
+        fields = [r for _, r in self.residuals] + [torch.zeros_like(self.residuals[0][1])]
+        if lam <= knots[0]:
+            return fields[0]
+        for (k0, f0), (k1, f1) in zip(zip(knots, fields), zip(knots[1:], fields[1:])):
+            if lam <= k1:
+                t = (lam - k0) / (k1 - k0)
+                return (1.0 - t) * f0 + t * f1
+        return fields[-1]
+
+    def _decode(self, lam: float):
+        """The network's coarse fields at ``lam``, plus the adapted residual when there is one."""
+        out = self.network.decode_coarse(self.encoded, lam)
+        residual = self.residual(lam)
+        if residual is None:
+            return out
+        velocity = out.velocity + residual
+        return out._replace(velocity=velocity, displacement=integrate_svf(velocity, self.network.config.integration_steps))
+
+    @torch.no_grad()
+    def weight_map(self, lam: float = 0.5) -> np.ndarray:
+        """The network's λ(x) ∈ (0, 1) (not scaled by λ) on the fixed grid, (Z, Y, X) float32."""
+        out = self.network.decode_coarse(self.encoded, float(lam))
+        return grid_sample(out.weight_map, self.points, "linear", padding_mode="border")[0, 0].cpu().numpy()
+
+    # ----------------------------------------------------------------------------------- adapt
+    def adapt(
+        self,
+        options: AdaptationOptions = AdaptationOptions(),
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelCallback] = None,
+    ) -> list[dict]:
+        """Test-time adaptation: residual velocities at the knots of λ (module docstring).
+
+        Replaces any earlier adaptation. On cancellation the session is left as before the call.
+
+        Returns:
+            One dict per knot: ``lambda``, ``steps``, final ``similarity``, ``regularization``, ``loss``.
+
+        Raises:
+            optimize.RegistrationCancelled: when ``cancel()`` returned True.
+        """
+        options = options.validated()
+        moving = match_histogram(self.moving, self.fixed)
+        moving_work = torch.as_tensor(to_working_grid(moving, self.moving_grid, self.work, self.affine_ras))[None, None].to(self.device)
+        levels = {"fine": (self.fixed_work, moving_work)}
+        if options.coarse_steps:
+            half = tuple(max(2, n // 2) for n in self.work.shape)
+            levels["coarse"] = tuple(resize_field(box_mean(x, [3, 3, 3]), half) for x in (self.fixed_work, moving_work))
+        kappa = REGULARIZATION_SCALE["mse"]
+        steps_total, done = options.total_steps, 0
+        residuals, history = [], []
+        previous = None
+        for index, lam in enumerate(float(k) for k in options.knots):
+            with torch.no_grad():
+                out = self.network.decode_coarse(self.encoded, lam)
+            grid = self.work.resized(out.velocity.shape[2:])
+            to_norm = torch.as_tensor([2.0 / (n - 1) for n in grid.size_ijk], dtype=torch.float32, device=self.device).view(1, 3, 1, 1, 1)
+            weight = lam * out.weight_map / out.weight_map.mean().clamp_min(1e-6)
+            residual_vox = (torch.zeros_like(out.velocity) if previous is None else previous / to_norm).requires_grad_(True)
+            optimizer = torch.optim.Adam([residual_vox], lr=options.learning_rate_vox)
+            schedule = [("coarse", options.coarse_steps), ("fine", options.first_steps)] if index == 0 else [("fine", options.steps)]
+            for level, steps in schedule:
+                fixed_l, moving_l = levels.get(level, levels["fine"])
+                for _ in range(int(steps)):
+                    if cancel is not None and cancel():
+                        raise RegistrationCancelled("adaptation cancelled")
+                    optimizer.zero_grad(set_to_none=True)
+                    velocity = out.velocity + residual_vox * to_norm
+                    displacement = integrate_svf(velocity, self.network.config.integration_steps)
+                    warped = warp(moving_l, resize_field(displacement, fixed_l.shape[2:]))
+                    sim = torch.mean((warped - fixed_l) ** 2)
+                    reg = weighted_diffusion(normalized_to_mm(velocity, grid), grid.spacing, weight)
+                    loss = (1.0 - lam) * sim + kappa * reg
+                    if options.jacobian_penalty > 0:
+                        loss = loss + options.jacobian_penalty * negative_jacobian_penalty(
+                            normalized_to_mm(displacement, grid), grid.spacing
+                        )
+                    loss.backward()
+                    optimizer.step()
+                    done += 1
+                    if progress is not None:
+                        progress(done / max(1, steps_total), f"adapting at λ = {lam:g}: step {done}/{steps_total}")
+            previous = (residual_vox * to_norm).detach()
+            residuals.append((lam, previous))
+            ran = sum(n for _, n in schedule)
+            history.append({"lambda": lam, "steps": ran, "similarity": sim.item() if ran else None,
+                            "regularization": reg.item() if ran else None, "loss": loss.item() if ran else None})
+        self.residuals = residuals
+        self.adapted_steps = done
+        return history
