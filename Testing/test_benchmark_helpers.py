@@ -99,7 +99,7 @@ def test_ratios_are_ours_over_peer_and_ours_minus_peer():
     assert out["delta_dice_mean"] == pytest.approx(0.05)
 
 
-def test_plan_and_network_hook():
+def test_plan_and_network_rows():
     import benchmark
 
     flags = {"oasis_l2r_to_vxm": {"multimodal": False, "prealigned": True}, "multimodal_cardiac": {"multimodal": True, "prealigned": True}}
@@ -112,8 +112,17 @@ def test_plan_and_network_hook():
     assert {j["similarity"] for j in cardiac if j["method"] == "ours"} == {"mi", "ngf"}
     with_network = benchmark.plan(["oasis_l2r_to_vxm"], (0.25,), True, flags)
     assert {"network", "network+adapt"} <= {j["method"] for j in with_network}
-    with pytest.raises(NotImplementedError):
-        benchmark.run_network({}, adapt=False)
+    # The network rows run the shipped model through the logic's path (small pair: plumbing only).
+    from LearnedRegistrationLib.grid import ImageGrid
+
+    grid = ImageGrid((20, 22, 18), (2.0, 2.0, 2.0), np.array([-18.0, -21.0, -19.0]), np.eye(3))
+    p = grid.world_points()
+    fixed = np.exp(-(p**2).sum(-1) / 200.0).astype(np.float32)
+    moving = np.exp(-((p - [2.0, -1.0, 1.0]) ** 2).sum(-1) / 220.0).astype(np.float32)
+    pair = {"fixed": fixed, "fixed_grid": grid, "moving": moving, "moving_grid": grid}
+    displacement, row = benchmark.run_network(pair, adapt=False)
+    assert displacement.shape == (*grid.shape, 3) and np.isfinite(displacement).all()
+    assert row["label"].startswith("ours (network,") and row["lambda"] == pytest.approx(0.25)
 
 
 def test_helpers_import_no_peer_tools():

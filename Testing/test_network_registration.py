@@ -19,7 +19,7 @@ from vtk.util import numpy_support
 from LearnedRegistrationLib import mrml
 from LearnedRegistrationLib.checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, save_checkpoint
 from LearnedRegistrationLib.grid import ImageGrid
-from LearnedRegistrationLib.logic import LearnedRegistrationLogic, bestReadyMethod
+from LearnedRegistrationLib.logic import DEFAULT_METHOD, LearnedRegistrationLogic
 from LearnedRegistrationLib.network import NetworkConfig, RegistrationNetwork
 from LearnedRegistrationLib.optimize import RegistrationCancelled
 from LearnedRegistrationLib.predict import AdaptationOptions, NetworkRegistration
@@ -229,8 +229,7 @@ def test_method_choice_and_its_errors(slicer_app, tiny_model, tmp_path):
     movingNode = add_volume(scene, moving, moving_grid, "moving")
     lambdaNode = add_volume(scene, np.full(fixed_grid.shape, 0.5, np.float32), fixed_grid, "lambda")
     logic = LearnedRegistrationLogic()
-    assert bestReadyMethod(tmp_path / "absent.pt") == "optimize"
-    assert bestReadyMethod(tiny_model) == "network+adapt"
+    assert logic.prepareRegistration(fixedNode, movingNode).method == DEFAULT_METHOD == "optimize"
     with pytest.raises(ValueError, match="unknown registration method"):
         logic.prepareRegistration(fixedNode, movingNode, method="magic")
     with pytest.raises(ValueError, match="optimize"):

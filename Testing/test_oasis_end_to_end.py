@@ -1,4 +1,6 @@
-"""End-to-end CLI run on the real OASIS pair (moving l2r_subject1 -> fixed vxm_test_scan), default options.
+"""End-to-end CLI runs on the real OASIS pair (moving l2r_subject1 -> fixed vxm_test_scan): the
+default options (instance optimization), and the shipped network with test-time adaptation and a
+λ sweep.
 
 Scored over the 30 VoxelMorph labels of ``labels.json``. ``scripts/benchmark_oasis.py`` measured
 Dice 0.75 at the default λ on this pair; the test allows 0.02 below that for CPU/BLAS differences.
@@ -43,3 +45,39 @@ def test_oasis_dice_over_30_labels(oasis_run, data_file):
     assert metrics["folding_percent"] < 0.1
     assert metrics["hd95_mean_mm"] < 4.0
     assert (output / "warped_labels.nrrd").is_file() and (output / "scene.mrb").is_file()
+
+
+@pytest.fixture(scope="module")
+def oasis_network_run(tmp_path_factory, data_file):
+    """The shipped network with test-time adaptation, and a λ sweep through the instant slider path."""
+    folder = data_file("brain_oasis")
+    output = tmp_path_factory.mktemp("oasis-network") / "result"
+    status = main([
+        "register",
+        "--fixed", str(folder / "vxm_test_scan_T1.nii.gz"),
+        "--moving", str(folder / "l2r_subject1_T1.nii.gz"),
+        "--fixed-labels", str(folder / "vxm_test_scan_aseg.nii.gz"),
+        "--moving-labels", str(folder / "l2r_subject1_aseg.nii.gz"),
+        "--labels-json", str(folder / "labels.json"),
+        "--method", "network+adapt",
+        "--lambda-sweep", "0.25,0.5,0.75,0.9",
+        "--output-dir", str(output),
+        "--quiet",
+    ])
+    return status, output
+
+
+def test_oasis_network_with_adaptation_and_lambda_sweep(oasis_network_run):
+    status, output = oasis_network_run
+    assert status == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["method"] == "network+adapt" and metrics["adaptation_steps"] > 0
+    # benchmarks/network.md: 0.748 at λ = 0.2 and 0.746 at 0.3 (the optimizer: 0.754 at 0.25);
+    # the test allows 0.015 below for CPU/BLAS differences.
+    assert metrics["dice_mean"] >= 0.73
+    sweep = metrics["lambda_sweep"]
+    assert [r["lambda"] for r in sweep] == [0.25, 0.5, 0.75, 0.9]
+    assert all(r["folding_percent"] < 0.1 for r in sweep)
+    sdlogj = [r["sdlogj"] for r in sweep]
+    assert all(a > b for a, b in zip(sdlogj, sdlogj[1:])), sdlogj  # smoother as λ rises
+    assert (output / "lambda_sweep.png").is_file() and (output / "lambda_map.nrrd").is_file()

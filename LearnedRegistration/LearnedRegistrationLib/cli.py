@@ -29,7 +29,8 @@ lambda_sweep.json/png  with --lambda-sweep: the metrics at each λ, and Dice (or
 
 ``--method``: ``network`` (the shipped λ-conditioned network; a λ change costs a fraction of a
 second), ``network+adapt`` (the network after test-time adaptation on this pair), ``optimize``
-(instance optimization); the default is the best that is ready (:func:`logic.bestReadyMethod`).
+(instance optimization); the default is the most accurate method that is ready
+(:data:`logic.DEFAULT_METHOD`, today ``optimize``: see ``benchmarks/network.md``).
 The files always hold the registration at ``--lambda``; a sweep only adds its own files.
 
 Everything is written into a temporary folder next to the output folder and moved into place at
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument(
         "--method", default=None, choices=["network", "network+adapt", "optimize"],
         help="network (instant λ changes), network+adapt (test-time adaptation first) or optimize "
-        "(default: network+adapt when the network weights are there, else optimize)",
+        "(default: optimize, the most accurate today; see benchmarks/network.md)",
     )
     register.add_argument("--model", help="network weights file (default: the shipped model)")
     register.add_argument("--adapt-steps", type=int, default=None, help="test-time adaptation steps of network+adapt")

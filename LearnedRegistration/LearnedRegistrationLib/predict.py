@@ -361,3 +361,53 @@ class NetworkRegistration:
         self.residuals = residuals
         self.adapted_steps = done
         return history
+
+
+def register_with_network(
+    network: RegistrationNetwork,
+    metadata: dict,
+    fixed: np.ndarray,
+    fixed_grid: ImageGrid,
+    moving: np.ndarray,
+    moving_grid: ImageGrid,
+    options=None,
+    adaptation: Optional[AdaptationOptions] = None,
+    fixed_mask: Optional[np.ndarray] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCallback] = None,
+) -> NetworkRegistration:
+    """The network method end to end: the optimizer's affine stage, then a :class:`NetworkRegistration`
+    (adapted when ``adaptation`` is given). Call ``.predict(λ)`` on the result for any λ.
+
+    Args:
+        options: :class:`optimize.RegistrationOptions` for the affine stage (initialization,
+            affine model and pyramid, similarity, device); its deformable levels are ignored.
+        adaptation: test-time adaptation settings, or None for the network alone.
+        fixed_mask: optional (Z, Y, X) mask on the fixed grid for the affine similarity.
+        progress, cancel: as in :func:`optimize.register_images` (affine 0-30 %, adaptation 35-95 %).
+
+    Raises:
+        ValueError: bad images (as :func:`optimize.register_images`).
+        optimize.RegistrationCancelled: when ``cancel()`` returned True.
+    """
+    from dataclasses import replace
+
+    from .optimize import RegistrationOptions, register_images
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
+    options = (options or RegistrationOptions()).validated()
+    affine_only = replace(options, deformable_spacings_mm=(), deformable_iterations=())
+    report(0.0, "affine alignment")
+    affine = register_images(
+        fixed, fixed_grid, moving, moving_grid, affine_only, fixed_mask=fixed_mask,
+        progress=lambda fraction, message: report(0.3 * fraction, message), cancel=cancel,
+    ).affine_ras
+    report(0.3, "network: encoding the pair")
+    session = NetworkRegistration(network, metadata, fixed, fixed_grid, moving, moving_grid, affine, options.device)
+    if adaptation is not None:
+        session.adapt(adaptation, progress=lambda fraction, message: report(0.35 + 0.6 * fraction, message), cancel=cancel)
+    return session
+
