@@ -523,7 +523,8 @@ def main() -> None:
     cmd = "python scripts/benchmark.py" + " ".join(["", *(["--quick"] if args.quick else []),
                                                    *([f"--pairs {args.pairs}"] if args.pairs else []),
                                                    *([f"--lambdas {args.lambdas}"] if args.lambdas else []),
-                                                   *([f"--skip {args.skip}"] if args.skip else [])])
+                                                   *([f"--skip {args.skip}"] if args.skip else []),
+                                                   *(["--with-network"] if args.with_network else [])])
     meta = {"mode": "quick" if args.quick else "full", "command": cmd.strip(),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "threads": args.threads, "torch": torch.__version__,
             "versions": versions(), "date": time.strftime("%Y-%m-%d"), "pairs": pairs, "lambdas": list(lambdas),
