@@ -17,11 +17,9 @@ import pytest
 from LearnedRegistrationLib.cli import main
 
 
-@pytest.fixture(scope="module")
-def oasis_run(tmp_path_factory, data_file):
-    folder = data_file("brain_oasis")
-    output = tmp_path_factory.mktemp("oasis") / "result"
-    status = main([
+def register_oasis(folder: Path, output: Path, *options: str) -> int:
+    """``learnedreg register`` on the pair with its labels and ``options``; returns the exit status."""
+    return main([
         "register",
         "--fixed", str(folder / "vxm_test_scan_T1.nii.gz"),
         "--moving", str(folder / "l2r_subject1_T1.nii.gz"),
@@ -30,8 +28,14 @@ def oasis_run(tmp_path_factory, data_file):
         "--labels-json", str(folder / "labels.json"),
         "--output-dir", str(output),
         "--quiet",
+        *options,
     ])
-    return status, output
+
+
+@pytest.fixture(scope="module")
+def oasis_run(tmp_path_factory, data_file):
+    output = tmp_path_factory.mktemp("oasis") / "result"
+    return register_oasis(data_file("brain_oasis"), output), output
 
 
 def test_oasis_dice_over_30_labels(oasis_run, data_file):
@@ -50,20 +54,8 @@ def test_oasis_dice_over_30_labels(oasis_run, data_file):
 @pytest.fixture(scope="module")
 def oasis_network_run(tmp_path_factory, data_file):
     """The shipped network with test-time adaptation, and a λ sweep through the instant slider path."""
-    folder = data_file("brain_oasis")
     output = tmp_path_factory.mktemp("oasis-network") / "result"
-    status = main([
-        "register",
-        "--fixed", str(folder / "vxm_test_scan_T1.nii.gz"),
-        "--moving", str(folder / "l2r_subject1_T1.nii.gz"),
-        "--fixed-labels", str(folder / "vxm_test_scan_aseg.nii.gz"),
-        "--moving-labels", str(folder / "l2r_subject1_aseg.nii.gz"),
-        "--labels-json", str(folder / "labels.json"),
-        "--method", "network+adapt",
-        "--lambda-sweep", "0.25,0.5,0.75,0.9",
-        "--output-dir", str(output),
-        "--quiet",
-    ])
+    status = register_oasis(data_file("brain_oasis"), output, "--method", "network+adapt", "--lambda-sweep", "0.25,0.5,0.75,0.9")
     return status, output
 
 

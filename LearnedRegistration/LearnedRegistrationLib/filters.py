@@ -129,12 +129,7 @@ def jacobian_determinant(displacement_mm: torch.Tensor, spacing: Sequence[float]
         )
     if displacement_mm.requires_grad and torch.is_grad_enabled():  # losses: one differentiable expression
         g = spatial_gradient(displacement_mm, spacing)  # (N, 3 components, 3 derivative axes, Z, Y, X)
-        m = g + torch.eye(3, dtype=g.dtype, device=g.device).view(1, 3, 3, 1, 1, 1)
-        return (
-            m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
-            - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
-            + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0])
-        )
+        return _det3([[g[:, c, a] + (1.0 if c == a else 0.0) for a in range(3)] for c in range(3)])
     out = torch.empty((displacement_mm.shape[0], *displacement_mm.shape[2:]), dtype=displacement_mm.dtype, device=displacement_mm.device)
     depth = displacement_mm.shape[2]
     # Slabs of a few slices (with a one-slice halo, so the central differences are exact): the nine
@@ -153,12 +148,7 @@ def jacobian_determinant(displacement_mm: torch.Tensor, spacing: Sequence[float]
             dy, dx = torch.gradient(x, spacing=(float(spacing[1]), float(spacing[0])), dim=(2, 3))
             dz = torch.zeros_like(x)
         keep = slice(z0 - a, z1 - a)
-        m = [[d[c, keep] + (1.0 if c == axis else 0.0) for axis, d in enumerate((dx, dy, dz))] for c in range(3)]
-        out[n, z0:z1] = (
-            m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
-        )
+        out[n, z0:z1] = _det3([[d[c, keep] + (1.0 if c == axis else 0.0) for axis, d in enumerate((dx, dy, dz))] for c in range(3)])
 
     if workers == 1:
         for job in slabs:
@@ -167,6 +157,15 @@ def jacobian_determinant(displacement_mm: torch.Tensor, spacing: Sequence[float]
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(run, slabs))
     return out
+
+
+def _det3(m) -> torch.Tensor:
+    """Determinant of a 3x3 matrix given as nested lists ``m[row][column]`` of equally shaped tensors."""
+    return (
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    )
 
 
 #: Slices per slab in :func:`jacobian_determinant`.

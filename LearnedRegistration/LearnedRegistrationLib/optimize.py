@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -389,7 +389,6 @@ def _optimize_svf(
     coarser than the level, is integrated there and its displacement up-sampled to the level: the
     similarity sees every level voxel while the costly scaling and squaring runs on 8x fewer."""
     lam = float(opts.regularization_weight)
-    kappa = REGULARIZATION_SCALE[opts.similarity]
     affine_t = torch.as_tensor(affine, dtype=torch.float32, device=device)
     velocity_norm: Optional[torch.Tensor] = None
     control = None
@@ -416,16 +415,11 @@ def _optimize_svf(
 
         for _ in range(n_iter):
             optimizer.zero_grad(set_to_none=True)
-            v = velocity()
-            disp_c = integrate_svf(v, opts.svf_steps)
-            warped = warp(moving_l, resize_field(disp_c, level.shape))
-            sim = similarity_loss(opts.similarity, fixed_l, warped, mask_l, level.spacing, opts.lncc_window_mm)
-            reg = weighted_diffusion(normalized_to_mm(v, control), control.spacing, lam_c)
-            loss = (1.0 - lam) * sim + kappa * reg
-            if opts.jacobian_penalty > 0:
-                loss = loss + opts.jacobian_penalty * negative_jacobian_penalty(
-                    normalized_to_mm(disp_c, control), control.spacing
-                )
+            loss, sim, _ = svf_objective(
+                velocity(), control, fixed_l, moving_l, level.spacing, lam_c, lam, opts.similarity, mask=mask_l,
+                integration_steps=opts.svf_steps, jacobian_penalty=opts.jacobian_penalty,
+                lncc_window_mm=opts.lncc_window_mm,
+            )
             loss.backward()
             optimizer.step()
             ticker.tick(f"deformable {level.shape[::-1]}: similarity {sim.item():.4f}")
@@ -434,6 +428,59 @@ def _optimize_svf(
         with torch.no_grad():
             velocity_norm = velocity()
     return velocity_norm, control
+
+
+class SvfObjective(NamedTuple):
+    """Scalar tensors of :func:`svf_objective`."""
+
+    loss: torch.Tensor
+    similarity: torch.Tensor
+    regularization: torch.Tensor
+
+
+def svf_objective(
+    velocity: torch.Tensor,
+    velocity_grid: ImageGrid,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    level_spacing: Sequence[float],
+    weight: torch.Tensor,
+    lam: float,
+    similarity: str = "mse",
+    *,
+    mask: Optional[torch.Tensor] = None,
+    integration_steps: int = 5,
+    jacobian_penalty: float = 1.0,
+    lncc_window_mm: float = 9.0,
+) -> SvfObjective:
+    """Loss of one SVF iteration, shared by the optimizer and the network's test-time adaptation.
+
+    ``(1 - λ)·sim(fixed, moving ∘ exp(v)) + κ·mean_x w(x)|∇v|² + γ·mean(relu(-det J))``, with κ
+    :data:`REGULARIZATION_SCALE` of the similarity and the Jacobian of ``exp(v)`` on the velocity grid.
+
+    Args:
+        velocity: (1, 3, z, y, x) stationary velocity on ``velocity_grid``, normalized units, (x, y, z).
+        velocity_grid: grid of ``velocity`` (same extent as the level images).
+        fixed, moving: (1, 1, Z, Y, X) level images (moving already affinely resampled), same extent.
+        level_spacing: level voxel size in mm along (I, J, K) (LNCC window, NGF gradients).
+        weight: (1, 1, z, y, x) regularization weight per velocity voxel, λ included (λ·λ(x)).
+        lam: λ, weighting the similarity by ``1 - λ``.
+        similarity: a name of :data:`similarity.SIMILARITIES`.
+        mask: optional (1, 1, Z, Y, X) similarity mask.
+        integration_steps: scaling-and-squaring steps.
+        jacobian_penalty: γ (0 = off).
+        lncc_window_mm: LNCC window edge in mm.
+    """
+    displacement = integrate_svf(velocity, integration_steps)
+    warped = warp(moving, resize_field(displacement, fixed.shape[2:]))
+    sim = similarity_loss(similarity, fixed, warped, mask, level_spacing, lncc_window_mm)
+    reg = weighted_diffusion(normalized_to_mm(velocity, velocity_grid), velocity_grid.spacing, weight)
+    loss = (1.0 - lam) * sim + REGULARIZATION_SCALE[similarity] * reg
+    if jacobian_penalty > 0:
+        loss = loss + jacobian_penalty * negative_jacobian_penalty(
+            normalized_to_mm(displacement, velocity_grid), velocity_grid.spacing
+        )
+    return SvfObjective(loss, sim, reg)
 
 
 def _check_overlap(fixed_t, fixed_grid, moving_grid, affine, device) -> None:

@@ -18,7 +18,7 @@ fixed/moving pair:
 3. **adapt** (optional, test-time adaptation): instance optimization *started from the network's
    prediction*, at a few knots of λ (default 0.1, 0.25, 0.5, 0.75), each warm-started from the
    previous knot. What is optimized is a residual velocity ``r_k`` per knot on the network's own
-   velocity grid, with the optimizer path's loss (:mod:`optimize`) on the working grid:
+   velocity grid, with the optimizer path's loss (:func:`optimize.svf_objective`) on the working grid:
    ``(1 - λ)·MSE(fixed, moving∘exp(v)) + κ·mean_x λ·λ̂(x)|∇v|² + γ·negJac``, ``v = v_net(λ) + r``,
    ``λ̂(x) = λ(x) / mean λ(x)`` the network's map. Afterwards ``predict(λ)`` adds the residual
    interpolated linearly in λ between knots (constant below the first, fading to 0 at λ = 1), so
@@ -47,16 +47,15 @@ from .grid import ImageGrid
 from .metrics import jacobian_map
 from .network import RegistrationNetwork
 from .optimize import (
-    REGULARIZATION_SCALE,
     RegistrationCancelled,
     RegistrationResult,
     choose_device,
     match_histogram,
     normalize_intensity,
+    svf_objective,
     validate_volume,
 )
-from .regularization import negative_jacobian_penalty, weighted_diffusion
-from .transforms import grid_sample, integrate_svf, normalized_to_mm, resample_image, resize_field, sampling_grid, warp
+from .transforms import grid_sample, integrate_svf, resample_image, resize_field, sampling_grid
 
 #: Folder of the shipped network weights (a Slicer module resource).
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
@@ -319,7 +318,6 @@ class NetworkRegistration:
         if options.coarse_steps:
             half = tuple(max(2, n // 2) for n in self.work.shape)
             levels["coarse"] = tuple(resize_field(box_mean(x, [3, 3, 3]), half) for x in (self.fixed_work, moving_work))
-        kappa = REGULARIZATION_SCALE["mse"]
         steps_total, done = options.total_steps, 0
         residuals, history = [], []
         previous = None
@@ -338,16 +336,12 @@ class NetworkRegistration:
                     if cancel is not None and cancel():
                         raise RegistrationCancelled("adaptation cancelled")
                     optimizer.zero_grad(set_to_none=True)
-                    velocity = out.velocity + residual_vox * to_norm
-                    displacement = integrate_svf(velocity, self.network.config.integration_steps)
-                    warped = warp(moving_l, resize_field(displacement, fixed_l.shape[2:]))
-                    sim = torch.mean((warped - fixed_l) ** 2)
-                    reg = weighted_diffusion(normalized_to_mm(velocity, grid), grid.spacing, weight)
-                    loss = (1.0 - lam) * sim + kappa * reg
-                    if options.jacobian_penalty > 0:
-                        loss = loss + options.jacobian_penalty * negative_jacobian_penalty(
-                            normalized_to_mm(displacement, grid), grid.spacing
-                        )
+                    loss, sim, reg = svf_objective(
+                        out.velocity + residual_vox * to_norm, grid, fixed_l, moving_l,
+                        self.work.resized(fixed_l.shape[2:]).spacing, weight, lam, "mse",
+                        integration_steps=self.network.config.integration_steps,
+                        jacobian_penalty=options.jacobian_penalty,
+                    )
                     loss.backward()
                     optimizer.step()
                     done += 1
