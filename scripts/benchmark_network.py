@@ -49,11 +49,15 @@ def parse_args(argv=None):
     p.add_argument("--adapt-steps", type=int, default=None, help="test-time adaptation steps (default: the logic's)")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "network", help="prefix of the .md/.json results")
     p.add_argument("--no-optimize", action="store_true", help="skip the optimizer baseline")
+    p.add_argument("--render", type=Path, help="only re-write the markdown of this results JSON (no run)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        args.render.with_suffix(".md").write_text(render(args.render) + "\n")
+        return 0
     import numpy as np
     import torch
 
@@ -172,6 +176,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def render(json_path: Path) -> str:
+    """The markdown of an earlier run's JSON (``python scripts/benchmark_network.py --render benchmarks/network.json``)."""
+    return markdown(json.loads(Path(json_path).read_text()))
+
+
 def markdown(r: dict) -> str:
     meta, lat = r["meta"], r["latency"]
     lines = [
@@ -189,8 +198,13 @@ def markdown(r: dict) -> str:
         f"| λ change, every output node updated (median of {len(lat['lambda_change_s'])}) | {lat['lambda_change_median_s']:.3f} |",
         f"| λ change, slowest | {lat['lambda_change_max_s']:.3f} |",
         f"| of which the network + field on the fixed grid (median) | {lat['network_predict_median_s']:.3f} |",
-        "",
     ]
+    if r.get("optimize"):
+        # Baseline from the same run: with the optimizer a λ change is a whole new registration.
+        seconds = r["optimize"]["runtime_s"]
+        lines.append(f"| baseline: a λ change with `optimize` (a new registration, with label metrics) | {seconds:.1f} |")
+        lines.append(f"| λ change, network vs that baseline | {lat['lambda_change_median_s'] / seconds:.3f}× |")
+    lines += [""]
     if "weight_map" in r:
         w = r["weight_map"]
         lines += [
