@@ -9,12 +9,15 @@ from LearnedRegistrationLib.grid import LPS_TO_RAS, ImageGrid
 from LearnedRegistrationLib.imageio import grid_from_sitk, sitk_image
 from LearnedRegistrationLib.metrics import jacobian_map
 from LearnedRegistrationLib.transforms import (
+    AxisAlignedResampler,
     compose,
+    grid_sample,
     displacement_to_ras,
     integrate_svf,
     mm_to_normalized,
     normalized_to_mm,
     resample_image,
+    sampling_grid,
     warp,
 )
 
@@ -180,3 +183,26 @@ def test_displacement_to_ras_of_normalized_translation():
     d = displacement_to_ras(disp, grid)
     expected = grid.direction[:, 1] * grid.spacing[1]
     np.testing.assert_allclose(d.reshape(-1, 3), np.broadcast_to(expected, (d.size // 3, 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_axis_aligned_resampler_equals_grid_sample_on_permuted_flipped_anisotropic_grids(channels_last):
+    # target: axes permuted and flipped relative to the source, odd sizes, anisotropic, shifted so
+    # some target voxels fall outside the source (border padding), one axis two voxels thick
+    source = ImageGrid((9, 7, 6), (3.0, 2.5, 4.0), np.array([1.0, -2.0, 3.5]), np.array([[-1.0, 0, 0], [0, 0, 1], [0, -1, 0]]))
+    for shape in ((23, 17, 30), (2, 17, 31)):
+        target = ImageGrid(shape, (1.1, 0.7, 1.3), np.array([-3.0, 8.0, -14.0]), np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]]))
+        field = torch.randn(1, 4, *source.shape, generator=torch.Generator().manual_seed(1))
+        resampler = AxisAlignedResampler.between(target, source)
+        assert resampler is not None
+        expected = grid_sample(field, sampling_grid(target, source), "linear", padding_mode="border")
+        if channels_last:
+            expected = expected.permute(0, 2, 3, 4, 1)
+        got = resampler(field, channels_last=channels_last)
+        assert got.shape == expected.shape and got.is_contiguous()
+        assert float((got - expected).abs().max()) < 1e-5
+
+
+def test_axis_aligned_resampler_refuses_oblique_grids():
+    source = ImageGrid((9, 7, 6), (3.0, 2.5, 4.0), np.zeros(3), np.eye(3))
+    assert AxisAlignedResampler.between(oblique_grid(), source) is None

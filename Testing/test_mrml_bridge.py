@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+from vtk.util import numpy_support
 import pytest
 import SimpleITK as sitk
 import vtk
@@ -308,6 +309,12 @@ def fake_request(scene, grid: ImageGrid) -> RegistrationRequest:
     )
 
 
+def vector_voxels(node) -> np.ndarray:
+    """(Z, Y, X, 3) view of a vector volume node's voxels."""
+    dims = node.GetImageData().GetDimensions()
+    return numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0], 3)
+
+
 def test_write_outputs_creates_every_node_then_updates_in_place(slicer_app):
     scene = slicer_app.scene
     grid = oblique_grid()
@@ -332,8 +339,14 @@ def test_write_outputs_creates_every_node_then_updates_in_place(slicer_app):
 
     ids_before = scene_node_ids(scene)
     node_ids = [getattr(first, a).GetID() for a in attributes]
+    # Same grid again (a slider move): the VTK objects stay, only their voxel arrays are swapped.
+    images = {a: getattr(first, a).GetImageData() for a in attributes if a not in ("transformNode",)}
+    transform = first.transformNode.GetTransformFromParent()
     second = logic.writeOutputs(request, fake_computation(grid, 1.0), first)
     assert [getattr(second, a).GetID() for a in attributes] == node_ids
+    assert all(getattr(second, a).GetImageData() is image for a, image in images.items())
+    assert second.transformNode.GetTransformFromParent() is transform
+    np.testing.assert_allclose(vector_voxels(second.displacementVolumeNode), smooth_field(grid) * 2.0, atol=1e-5)
     assert scene_node_ids(scene) == ids_before  # nothing added
     values, _ = mrml.arrayFromVolumeNode(second.warpedVolumeNode)
     np.testing.assert_allclose(values, smooth_image(grid) + 1.0)
@@ -351,6 +364,8 @@ def test_write_outputs_is_all_or_nothing(slicer_app, monkeypatch):
     first.warpedLabelNode = None  # asked to create a new one in the next call
     ids_before = scene_node_ids(scene)
     warped_before = mrml.arrayFromVolumeNode(first.warpedVolumeNode)[0]
+    vectors_before = vector_voxels(first.displacementVolumeNode).copy()
+    jacobian_before = mrml.arrayFromVolumeNode(first.jacobianVolumeNode)[0]
     field_before = mrml.displacementFromGridTransformNode(first.transformNode)[0]
 
     def fail(*args, **kwargs):
@@ -360,7 +375,10 @@ def test_write_outputs_is_all_or_nothing(slicer_app, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated failure"):
         logic.writeOutputs(request, fake_computation(grid, 1.0), first)
     assert scene_node_ids(scene) == ids_before
+    # the voxel arrays swapped into the same VTK objects are swapped back
     np.testing.assert_array_equal(mrml.arrayFromVolumeNode(first.warpedVolumeNode)[0], warped_before)
+    np.testing.assert_array_equal(vector_voxels(first.displacementVolumeNode), vectors_before)
+    np.testing.assert_array_equal(mrml.arrayFromVolumeNode(first.jacobianVolumeNode)[0], jacobian_before)
     np.testing.assert_array_equal(mrml.displacementFromGridTransformNode(first.transformNode)[0], field_before)
 
 

@@ -111,6 +111,33 @@ def test_outputs_lie_on_odd_anisotropic_oblique_fixed_grid_and_match_an_independ
     assert 0.0 < result.lambda_map.min() and result.lambda_map.max() < 0.3
 
 
+def test_axis_aligned_fast_path_matches_grid_sample_and_keeps_the_affine_exact_to_the_last_voxel():
+    # A fixed grid axis-aligned with the working grid (permuted, flipped, anisotropic, odd) takes
+    # the separable resampler; forcing the generic grid_sample path must give the same result.
+    fixed_grid = ImageGrid((13, 17, 11), (1.3, 0.9, 2.1), np.array([12.5, -30.25, 41.0]), np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]]))
+    _, _, moving, moving_grid = pair()
+    fixed = blobs(fixed_grid)
+    session = NetworkRegistration(tiny_network(), METADATA, fixed, fixed_grid, moving, moving_grid, AFFINE, "cpu")
+    fast = session.predict(0.3)
+    assert session._resampler is not None
+    session._resampler, session._resampler_shape = None, session._extended_grid.shape  # generic path
+    generic = session.predict(0.3)
+    assert np.abs(fast.displacement_ras - generic.displacement_ras).max() < 1e-4
+    assert np.abs(fast.warped - generic.warped).max() < 1e-5
+    assert np.abs(fast.lambda_map - generic.lambda_map).max() < 1e-6
+
+    # With a network that predicts no deformation, the displacement is the affine's at every
+    # fixed voxel, the outermost ones included (they lie beyond the working grid's voxel centres).
+    still = tiny_network()
+    with torch.no_grad():
+        still.velocity_head.weight.zero_()
+        still.velocity_head.bias.zero_()
+    session = NetworkRegistration(still, METADATA, fixed, fixed_grid, moving, moving_grid, AFFINE, "cpu")
+    world = fixed_grid.world_points()
+    affine_only = world @ AFFINE[:3, :3].T + AFFINE[:3, 3] - world
+    assert np.abs(session.predict(0.5).displacement_ras - affine_only).max() < 1e-4
+
+
 def test_lambda_changes_the_field_and_bad_lambda_is_refused():
     fixed, fixed_grid, moving, moving_grid = pair()
     session = NetworkRegistration(tiny_network(), METADATA, fixed, fixed_grid, moving, moving_grid, None, "cpu")

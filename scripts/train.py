@@ -61,7 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LearnedRegistration"))
 
-from LearnedRegistrationLib.checkpoint import save_checkpoint  # noqa: E402
+from LearnedRegistrationLib.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from LearnedRegistrationLib.grid import ImageGrid  # noqa: E402
 from LearnedRegistrationLib.imageio import read_volume  # noqa: E402
 from LearnedRegistrationLib.metrics import dice_mean, folding_percent, jacobian_map  # noqa: E402
@@ -105,6 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scaling", type=float, default=SynthesisConfig.scaling, help="largest random log-scaling per side")
     p.add_argument("--max-label-maps", type=int, default=0, help="use only the first N label maps (0 = all)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--encoder-features", type=int, nargs="+", default=list(NetworkConfig.encoder_features),
+                   help="network channels per level, full resolution first")
+    p.add_argument("--decoder-features", type=int, nargs="+", default=list(NetworkConfig.decoder_features),
+                   help="decoder channels from the coarsest level up to --output-level")
+    p.add_argument("--output-level", type=int, default=NetworkConfig.output_level,
+                   help="resolution level of the predicted fields (0 = working grid, 1 = half)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue from this checkpoint (its architecture and weights; a fresh Adam state); "
+                        "its iterations, training time and curves are carried into the new one")
     args = p.parse_args(argv)
     if args.steps < 1 or args.val_every < 1 or args.batch_size < 1:
         p.error("--steps, --val-every and --batch-size must be >= 1")
@@ -244,7 +253,11 @@ def main(argv=None) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pick = np.random.default_rng(args.seed)
 
-    net_config = NetworkConfig()
+    try:
+        net_config = NetworkConfig(encoder_features=tuple(args.encoder_features), decoder_features=tuple(args.decoder_features),
+                                   output_level=args.output_level)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     synth_config = SynthesisConfig(spacing_mm=args.working_spacing, rotation_deg=args.rotation_deg,
                                    translation_mm=args.translation_mm, scaling=args.scaling)
     loss_config = LossConfig(kappa=args.kappa, prior_weight=args.prior_weight,
@@ -259,7 +272,15 @@ def main(argv=None) -> int:
           f"{validation.dice_before:.4f}, after affine {validation.dice_affine:.4f}) in {time.time() - t0:.1f} s; "
           f"device {device}", flush=True)
 
-    network = RegistrationNetwork(net_config).to(device)
+    before = {"iterations": 0, "train_time_s": 0.0, "validation_curve": [], "training_curve": []}
+    if args.init is not None:
+        network, init_meta = load_checkpoint(args.init, device)
+        net_config = network.config
+        before = {k: init_meta.get(k, v) for k, v in before.items()}
+        before["command"] = init_meta.get("command")
+        print(f"continuing from {args.init} ({before['iterations']} iterations, {before['train_time_s']:.0f} s)", flush=True)
+    else:
+        network = RegistrationNetwork(net_config).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     decay_from = int(args.lr_decay_start * args.steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -293,20 +314,22 @@ def main(argv=None) -> int:
             "optimizer": {"name": "Adam", "lr": args.lr, "lr_decay_start": args.lr_decay_start, "batch_size": args.batch_size},
             "network": net_config.to_dict(),
             "seed": args.seed,
-            "iterations": step,
+            "iterations": before["iterations"] + step,
+            "continued_from": None if args.init is None else {
+                "file": args.init.name, "iterations": before["iterations"], "command": before.get("command")},
             "wall_time_s": round(time.time() - t0, 1),
-            "train_time_s": round(train_time, 1),
+            "train_time_s": round(before["train_time_s"] + train_time, 1),
             "device": f"{device.type} ({device_name})",
             "torch_version": str(torch.__version__),
             "dice_before_registration": validation.dice_before,
             "dice_after_affine": validation.dice_affine,
-            "validation_curve": curve,
-            "training_curve": train_curve,
+            "validation_curve": before["validation_curve"] + curve,
+            "training_curve": before["training_curve"] + train_curve,
         }
 
     def validate(step: int) -> None:
         for lam in val_lambdas:
-            row = {"step": step, **validation.score(network, lam)}
+            row = {"step": before["iterations"] + step, **validation.score(network, lam)}
             curve.append(row)
             print(f"  val step {step:6d} λ={lam:.2f}: Dice {row['dice']:.4f}  folding {row['folding_percent']:.3f} %  "
                   f"mean λ(x) {row['weight_map_mean']:.3f}", flush=True)
@@ -333,7 +356,7 @@ def main(argv=None) -> int:
         for name, value in (*zip(terms._fields, (float(x) for x in terms)), ("seconds", seconds)):
             running[name] = value if name not in running else 0.98 * running[name] + 0.02 * value
         if step % max(1, min(100, args.val_every)) == 0 or step <= 3:
-            row = {"step": step, **{k: round(v, 5) for k, v in running.items()}}
+            row = {"step": before["iterations"] + step, **{k: round(v, 5) for k, v in running.items()}}
             train_curve.append(row)
             print(f"step {step:6d}  loss {terms.loss:.4f}  Dice {terms.dice:.4f}  reg {terms.regularization:.4f}  "
                   f"prior {terms.prior:.3f}  λ {lam.tolist()}  {seconds:.2f} s/step", flush=True)

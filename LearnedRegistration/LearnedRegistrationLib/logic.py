@@ -510,6 +510,8 @@ class LearnedRegistrationLogic:
 
         All or nothing: if anything fails, the nodes created by this call are removed and the
         nodes given in ``outputNodes`` get their previous data back, then the error is raised.
+        The volume nodes take over the arrays of ``computed`` without copying them (a slider
+        move writes seven full volumes): write a ``computed`` once and do not change its arrays.
 
         Returns:
             A new :class:`RegistrationOutputNodes` (the given nodes, plus the created ones).
@@ -546,7 +548,7 @@ class LearnedRegistrationLogic:
 
             def volume(attribute, array, name, className="vtkMRMLScalarVolumeNode"):
                 node = transaction.prepare(getattr(given, attribute))
-                node = mrml.updateVolumeNodeFromArray(scene, array, grid, node, name, className)
+                node = mrml.updateVolumeNodeFromArray(scene, array, grid, node, name, className, copy=False)
                 setattr(outputs, attribute, node)
                 return node
 
@@ -555,7 +557,7 @@ class LearnedRegistrationLogic:
 
             node = transaction.prepare(given.displacementVolumeNode)
             outputs.displacementVolumeNode = mrml.updateDisplacementVolumeNode(
-                scene, result.displacement_ras, grid, node, f"{base} displacement"
+                scene, result.displacement_ras, grid, node, f"{base} displacement", copy=False
             )
             node = transaction.prepare(given.transformNode)
             outputs.transformNode = mrml.updateGridTransformNode(
@@ -672,20 +674,32 @@ class _SceneTransaction:
         if node.IsA("vtkMRMLVolumeNode"):
             import vtk
 
+            # Updates may swap the scalar array inside the same vtkImageData (mrml._replaceScalars),
+            # so keep the old array as well as the old image object.
             oldImage = node.GetImageData()
+            oldScalars = oldImage.GetPointData().GetScalars() if oldImage is not None else None
             oldMatrix = vtk.vtkMatrix4x4()
             node.GetIJKToRASMatrix(oldMatrix)
 
-            def restoreVolume(node=node, oldImage=oldImage, oldMatrix=oldMatrix):
+            def restoreVolume(node=node, oldImage=oldImage, oldScalars=oldScalars, oldMatrix=oldMatrix):
+                if oldImage is not None and oldScalars is not None:
+                    oldImage.GetPointData().SetScalars(oldScalars)
+                    oldImage.Modified()
                 node.SetIJKToRASMatrix(oldMatrix)
                 node.SetAndObserveImageData(oldImage)
 
             self.restorers.append(restoreVolume)
         elif node.IsA("vtkMRMLTransformNode"):
             oldTransform = node.GetTransformFromParent()
+            oldGrid = oldTransform.GetDisplacementGrid() if oldTransform is not None and oldTransform.IsA("vtkOrientedGridTransform") else None
+            oldVectors = oldGrid.GetPointData().GetScalars() if oldGrid is not None else None
             oldAttribute = node.GetAttribute(METRICS_ATTRIBUTE)
 
-            def restoreTransform(node=node, oldTransform=oldTransform, oldAttribute=oldAttribute):
+            def restoreTransform(node=node, oldTransform=oldTransform, oldGrid=oldGrid, oldVectors=oldVectors, oldAttribute=oldAttribute):
+                if oldGrid is not None and oldVectors is not None:
+                    oldGrid.GetPointData().SetScalars(oldVectors)
+                    oldGrid.Modified()
+                    oldTransform.Modified()
                 node.SetAndObserveTransformFromParent(oldTransform)
                 if oldAttribute is None:
                     node.RemoveAttribute(METRICS_ATTRIBUTE)

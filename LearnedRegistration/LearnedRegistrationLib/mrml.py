@@ -28,6 +28,7 @@ from vtk.util import numpy_support
 import slicer
 
 from .grid import ImageGrid
+from .visualization import sampled_percentiles
 
 #: Colour nodes tried in order for each kind of output; the first present in the scene is used.
 #: Slicer ships the file-based tables (Viridis, DivergingBlueRed); slicer-core only the procedural
@@ -149,10 +150,13 @@ def arrayFromVolumeNode(volumeNode, dtype=np.float32) -> tuple[np.ndarray, Image
     return array, grid
 
 
-def _imageDataFromArray(array: np.ndarray) -> vtk.vtkImageData:
-    """vtkImageData (origin 0, spacing 1) holding a deep copy of a (Z, Y, X[, C]) array.
+def _vtkArrayFromArray(array: np.ndarray, copy: bool = True):
+    """(vtkDataArray named "ImageScalars", (Z, Y, X) shape) of a (Z, Y, X[, C]) array.
 
     bool becomes uint8 and 64-bit integers int32 (Slicer does not display "long long" volumes).
+    With ``copy=False`` a C-contiguous array of a supported type is not copied: VTK uses its
+    memory (``numpy_to_vtk`` keeps the array alive), so the caller must not change it afterwards;
+    that saves a copy of every output volume on each slider move.
     """
     array = np.ascontiguousarray(array)
     if array.dtype == np.bool_:
@@ -160,11 +164,38 @@ def _imageDataFromArray(array: np.ndarray) -> vtk.vtkImageData:
     elif array.dtype in (np.int64, np.uint64):
         array = array.astype(np.int32)
     components = 1 if array.ndim == 3 else array.shape[3]
+    vtkArray = numpy_support.numpy_to_vtk(array.reshape(-1, components), deep=copy)
+    vtkArray.SetName("ImageScalars")
+    return vtkArray, array.shape[:3]
+
+
+def _replaceScalars(imageData, vtkArray, shape) -> bool:
+    """Put ``vtkArray`` into ``imageData`` in place of its scalars if the dimensions, component count
+    and type match (True), else leave it (False).
+
+    Swapping the array keeps the vtkImageData object, so the volume's display pipeline only sees
+    a modification; a new vtkImageData makes Slicer rebuild it (0.1 s for a 160x192x224 vector
+    volume, on every slider move).
+    """
+    old = imageData.GetPointData().GetScalars() if imageData is not None else None
+    if (
+        old is None
+        or tuple(imageData.GetDimensions()) != (shape[2], shape[1], shape[0])
+        or old.GetNumberOfComponents() != vtkArray.GetNumberOfComponents()
+        or old.GetDataType() != vtkArray.GetDataType()
+    ):
+        return False
+    imageData.GetPointData().SetScalars(vtkArray)
+    imageData.Modified()
+    return True
+
+
+def _imageDataFromArray(array: np.ndarray, copy: bool = True) -> vtk.vtkImageData:
+    """vtkImageData (origin 0, spacing 1) holding a (Z, Y, X[, C]) array (see :func:`_vtkArrayFromArray`)."""
+    vtkArray, shape = _vtkArrayFromArray(array, copy)
     imageData = vtk.vtkImageData()
     # FRAME: numpy (Z, Y, X) -> VTK dimensions (I, J, K).
-    imageData.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    vtkArray = numpy_support.numpy_to_vtk(array.reshape(-1, components), deep=True)
-    vtkArray.SetName("ImageScalars")
+    imageData.SetDimensions(shape[2], shape[1], shape[0])
     imageData.GetPointData().SetScalars(vtkArray)
     return imageData
 
@@ -335,11 +366,15 @@ def updateVolumeNodeFromArray(
     volumeNode=None,
     name: str = "Volume",
     className: str = "vtkMRMLScalarVolumeNode",
+    copy: bool = True,
 ):
     """Create a volume node, or update ``volumeNode`` in place, from a (Z, Y, X[, C]) array on ``grid``.
 
-    The voxels are deep-copied and the node's IJK-to-RAS matrix set from ``grid`` (RAS mm).
-    A display node is created when missing. The node keeps its ID when updated in place.
+    The voxels are deep-copied (with ``copy=False`` the node uses the array's memory when it can:
+    the caller hands the array over) and the node's IJK-to-RAS matrix is set from ``grid`` (RAS mm).
+    A display node is created when missing. The node keeps its ID when updated in place, and its
+    vtkImageData too when the new voxels have the same dimensions, components and type (only the
+    scalar array is swapped: what a slider move does).
 
     Args:
         className: ``vtkMRMLScalarVolumeNode``, ``vtkMRMLLabelMapVolumeNode`` or
@@ -358,7 +393,12 @@ def updateVolumeNodeFromArray(
     try:
         # RAS geometry straight from the grid (the node is RAS, like the engine).
         volumeNode.SetIJKToRASMatrix(vtkMatrixFromArray(grid.ijk_to_ras))
-        volumeNode.SetAndObserveImageData(_imageDataFromArray(array))
+        vtkArray, shape = _vtkArrayFromArray(array, copy)
+        if not _replaceScalars(volumeNode.GetImageData(), vtkArray, shape):
+            imageData = vtk.vtkImageData()
+            imageData.SetDimensions(shape[2], shape[1], shape[0])
+            imageData.GetPointData().SetScalars(vtkArray)
+            volumeNode.SetAndObserveImageData(imageData)
         if volumeNode.GetDisplayNode() is None:
             volumeNode.CreateDefaultDisplayNodes()
     finally:
@@ -366,7 +406,9 @@ def updateVolumeNodeFromArray(
     return volumeNode
 
 
-def updateDisplacementVolumeNode(scene, displacementRas: np.ndarray, grid: ImageGrid, volumeNode=None, name="Displacement"):
+def updateDisplacementVolumeNode(
+    scene, displacementRas: np.ndarray, grid: ImageGrid, volumeNode=None, name="Displacement", copy: bool = True
+):
     """Create or update a 3-component ``vtkMRMLVectorVolumeNode`` holding a displacement field.
 
     Args:
@@ -382,7 +424,7 @@ def updateDisplacementVolumeNode(scene, displacementRas: np.ndarray, grid: Image
     displacementRas = np.asarray(displacementRas, dtype=np.float32)
     _checkArrayOnGrid(displacementRas, grid, "displacement field", 3)
     volumeNode = updateVolumeNodeFromArray(
-        scene, displacementRas, grid, volumeNode, name, className="vtkMRMLVectorVolumeNode"
+        scene, displacementRas, grid, volumeNode, name, className="vtkMRMLVectorVolumeNode", copy=copy
     )
     return volumeNode
 
@@ -445,10 +487,13 @@ def gridTransformFromDisplacement(displacementRas: np.ndarray, grid: ImageGrid) 
     Slicer sets it when it reads a grid transform from a file, so the node behaves the same before
     and after a scene is saved and reloaded; at the grid's voxel centres (where the engine
     evaluates the field) cubic and linear give the stored vectors exactly.
+
+    The vectors are stored as float32 (what the engine computes; Slicer reads, writes and
+    interpolates float grids) in a copy of their own.
     """
-    displacementRas = np.asarray(displacementRas, dtype=np.float64)
+    displacementRas = np.array(displacementRas, dtype=np.float32, copy=True)
     _checkArrayOnGrid(displacementRas, grid, "displacement field", 3)
-    displacementGrid = _imageDataFromArray(displacementRas)
+    displacementGrid = _imageDataFromArray(displacementRas, copy=False)
     displacementGrid.SetOrigin(*grid.origin)
     displacementGrid.SetSpacing(*grid.spacing)
     directionMatrix = vtk.vtkMatrix4x4()
@@ -483,8 +528,32 @@ def updateGridTransformNode(scene, displacementRas: np.ndarray, grid: ImageGrid,
             f"got a {transformNode.GetClassName()}"
         )
     # "From parent" = world (fixed) -> local (moving): the resampling direction.
-    transformNode.SetAndObserveTransformFromParent(gridTransformFromDisplacement(displacementRas, grid))
+    if not _replaceGridDisplacement(transformNode.GetTransformFromParent(), displacementRas, grid):
+        transformNode.SetAndObserveTransformFromParent(gridTransformFromDisplacement(displacementRas, grid))
     return transformNode
+
+
+def _replaceGridDisplacement(transform, displacementRas: np.ndarray, grid: ImageGrid) -> bool:
+    """Swap new vectors into an existing grid transform on the same grid (True), else do nothing (False).
+
+    The slider path: the transform object stays, so Slicer only sees a modification.
+    """
+    if transform is None or not transform.IsA("vtkOrientedGridTransform") or transform.GetInverseFlag():
+        return False
+    displacementGrid = transform.GetDisplacementGrid()
+    directionMatrix = transform.GetGridDirectionMatrix()
+    if displacementGrid is None or directionMatrix is None:
+        return False
+    sameGeometry = (
+        np.allclose(displacementGrid.GetOrigin(), grid.origin)
+        and np.allclose(displacementGrid.GetSpacing(), grid.spacing)
+        and np.allclose(arrayFromVtkMatrix(directionMatrix)[:3, :3], grid.direction)
+    )
+    vtkArray, shape = _vtkArrayFromArray(np.array(displacementRas, dtype=np.float32, copy=True), copy=False)
+    if not sameGeometry or not _replaceScalars(displacementGrid, vtkArray, shape):
+        return False
+    transform.Modified()
+    return True
 
 
 def displacementFromGridTransformNode(transformNode) -> tuple[np.ndarray, ImageGrid]:
@@ -538,19 +607,18 @@ def setGreyDisplay(volumeNode, array: np.ndarray | None = None, symmetric: bool 
     if array is None:
         setScalarDisplay(volumeNode, GREY_COLOR_NODE_IDS)
         return
-    # Percentiles of about a million voxels are as good for a display window and much faster on
-    # large volumes (this runs on every slider move).
-    flat = np.asarray(array).reshape(-1)
-    flat = flat[:: max(1, flat.size // 1_000_000)]
-    finite = flat[np.isfinite(flat)]
-    if finite.size == 0:
+    if symmetric:
+        values = sampled_percentiles(array, [99], absolute=True)
+    else:
+        values = sampled_percentiles(array, [1, 99])
+    if values is None:
         setScalarDisplay(volumeNode, GREY_COLOR_NODE_IDS)
         return
     if symmetric:
-        half = float(np.percentile(np.abs(finite), 99)) or 1.0
+        half = float(values[0]) or 1.0
         setScalarDisplay(volumeNode, GREY_COLOR_NODE_IDS, window=2.0 * half, level=0.0)
     else:
-        low, high = (float(v) for v in np.percentile(finite, [1, 99]))
+        low, high = (float(v) for v in values)
         if high <= low:
             high = low + 1.0
         setScalarDisplay(volumeNode, GREY_COLOR_NODE_IDS, window=high - low, level=(high + low) / 2.0)

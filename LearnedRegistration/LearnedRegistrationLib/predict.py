@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .filters import box_mean
 from .grid import ImageGrid
@@ -55,7 +56,14 @@ from .optimize import (
     svf_objective,
     validate_volume,
 )
-from .transforms import grid_sample, integrate_svf, resample_image, resize_field, sampling_grid
+from .transforms import (
+    AxisAlignedResampler,
+    grid_sample,
+    integrate_svf,
+    resample_image,
+    resize_field,
+    sampling_grid,
+)
 
 #: Folder of the shipped network weights (a Slicer module resource).
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
@@ -209,18 +217,14 @@ class NetworkRegistration:
         self.prepare_s = time.perf_counter() - start
 
     def _prepare_full_resolution(self) -> None:
-        """Cache what every λ needs at the fixed voxels: their working-frame positions, the affine
-        part of the displacement, their moving-frame positions, and the two 3x3 maps from a
-        normalized working displacement to RAS mm and to the moving image's normalized frame."""
-        self.points = sampling_grid(self.fixed_grid, self.work, device=self.device)  # (1, Z, Y, X, 3)
+        """Cache what every λ needs: the moving image as a tensor and the two 3x3 maps from a
+        normalized working displacement to RAS mm (through the affine) and to the moving image's
+        normalized frame (the fixed voxels' working positions come in :meth:`_to_fixed`)."""
+        self._points = None  # (1, Z, Y, X, 3) fixed voxels in the working frame, oblique grids only
+        self._resampler, self._resampler_shape = None, None  # see _to_fixed()
+        self._coarse_shape = self._extended_grid = None  # see _coarse_fields()
         a3 = self.affine_ras[:3, :3]
-        ras = self.fixed_grid.world_points()  # (Z, Y, X, 3) RAS mm
-        affine_moved = ras @ a3.T + self.affine_ras[:3, 3]
-        self.affine_displacement = torch.as_tensor((affine_moved - ras).astype(np.float32), device=self.device)
         to_moving = self.moving_grid.ras_to_normalized
-        moving_points = affine_moved @ to_moving[:3, :3].T + to_moving[:3, 3]
-        self.moving_points = torch.as_tensor(moving_points.astype(np.float32), device=self.device)[None]
-        del ras, affine_moved, moving_points
         # normalized working displacement (x, y, z) -> mm along working I, J, K -> RAS -> through A
         to_ras = a3 @ np.asarray(self.work.direction) @ np.diag(self.work.normalized_unit_mm)
         self.to_ras = torch.as_tensor(to_ras.T.astype(np.float32), device=self.device)
@@ -240,19 +244,19 @@ class NetworkRegistration:
             raise ValueError(f"λ must be in [0, 1], got {lam}")
         start = time.perf_counter()
         out = self._decode(lam)
-        coarse = torch.cat([out.displacement, out.weight_map], dim=1)
-        sampled = grid_sample(coarse, self.points, "linear", padding_mode="border")[0]  # (4, Z, Y, X)
-        u = sampled[:3].permute(1, 2, 3, 0)  # (Z, Y, X, 3) normalized working units
-        displacement = torch.addmm(self.affine_displacement.view(-1, 3), u.reshape(-1, 3), self.to_ras).view(u.shape)
-        moving_points = torch.addmm(self.moving_points.view(-1, 3), u.reshape(-1, 3), self.to_moving).view(self.moving_points.shape)
+        fields = self._coarse_fields(out)  # (1, 7, z + 2, y + 2, x + 2)
+        sampled = self._to_fixed(fields)[0]  # (7, Z, Y, X)
+        displacement_ras = sampled[:3].permute(1, 2, 3, 0).contiguous().cpu().numpy()  # (Z, Y, X, 3) RAS mm
+        moving_points = sampled[3:6].permute(1, 2, 3, 0).contiguous().unsqueeze(0)  # (1, Z, Y, X, 3)
         warped = grid_sample(self.moving_tensor, moving_points, "linear", padding_mode="zeros")[0, 0]
-        displacement_ras = displacement.cpu().numpy()
+        del moving_points
+        weight_map = sampled[6]
         result = RegistrationResult(
             fixed_grid=self.fixed_grid,
             warped=warped.cpu().numpy(),
             displacement_ras=displacement_ras,
             jacobian=jacobian_map(displacement_ras, self.fixed_grid),
-            lambda_map=(lam * sampled[3]).cpu().numpy(),
+            lambda_map=(lam * weight_map).cpu().numpy(),
             affine_ras=self.affine_ras,
             velocity=out.velocity.cpu(),
             velocity_grid=self.work.resized(out.velocity.shape[2:]),
@@ -263,6 +267,52 @@ class NetworkRegistration:
             history={"time_predict_s": time.perf_counter() - start, "time_prepare_s": self.prepare_s},
         )
         return result
+
+    def _to_fixed(self, coarse: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """(1, C, z + 2, y + 2, x + 2) fields on the extended output grid (:meth:`_coarse_fields`) ->
+        (1, C, Z, Y, X) at the fixed voxels, or (1, Z, Y, X, C) with ``channels_last`` (trilinear,
+        contiguous): three 1-D passes when the grids are axis-aligned, else ``grid_sample``."""
+        grid = self._extended_grid
+        if self._resampler_shape != grid.shape:
+            self._resampler_shape = grid.shape
+            self._resampler = AxisAlignedResampler.between(self.fixed_grid, grid, self.device)
+            self._points = None
+        if self._resampler is not None:
+            return self._resampler(coarse, channels_last)
+        if self._points is None:
+            self._points = sampling_grid(self.fixed_grid, grid, device=self.device)
+        sampled = grid_sample(coarse, self._points, "linear", padding_mode="border")
+        return sampled.permute(0, 2, 3, 4, 1).contiguous() if channels_last else sampled
+
+    def _coarse_fields(self, out) -> torch.Tensor:
+        """Everything a slider move samples, on the network's output grid: (1, 7, z + 2, y + 2, x + 2)
+        = RAS displacement ``d = A(x + u) - x`` (mm, 3), moving-image normalized position of
+        ``A(x + u)`` (3) and λ(x) (1).
+
+        The affine parts are linear in ``x``, and trilinear interpolation reproduces linear
+        functions exactly, so sampling these channels at the fixed voxels gives the same
+        displacement and moving positions as composing at full resolution, for a fraction of the
+        memory traffic. The grid is extended by one voxel on every side, because the outermost
+        fixed voxels may lie up to half a working voxel beyond the working grid's outermost voxel
+        centres: there the affine part is still computed exactly and the network's part takes its
+        border value.
+        """
+        u = out.displacement  # (1, 3, z, y, x) normalized working units
+        shape = tuple(u.shape[2:])
+        if self._coarse_shape != shape:
+            self._coarse_shape = shape
+            grid = self.work.resized(shape)
+            extended = ImageGrid(tuple(n + 2 for n in shape), grid.spacing, grid.origin - grid.direction @ np.asarray(grid.spacing), grid.direction)
+            ras = extended.world_points()  # (z + 2, y + 2, x + 2, 3) RAS mm
+            moved = ras @ self.affine_ras[:3, :3].T + self.affine_ras[:3, 3]
+            to_moving = self.moving_grid.ras_to_normalized
+            base = np.concatenate([moved - ras, moved @ to_moving[:3, :3].T + to_moving[:3, 3]], axis=-1)
+            self._coarse_base = torch.as_tensor(base.transpose(3, 0, 1, 2)[None].astype(np.float32), device=self.device)
+            self._extended_grid = extended
+        linear = torch.cat([self.to_ras, self.to_moving], dim=1)  # (3, 6): normalized u -> RAS mm | moving normalized
+        deformable = torch.cat([torch.einsum("nkzyx,kc->nczyx", u, linear), out.weight_map], dim=1)
+        deformable = F.pad(deformable, (1,) * 6, mode="replicate")  # border value, like grid_sample's "border"
+        return torch.cat([self._coarse_base + deformable[:, :6], deformable[:, 6:]], dim=1)
 
     def residual(self, lam: float) -> Optional[torch.Tensor]:
         """Adapted residual velocity at ``lam`` (None before :meth:`adapt`): linear between knots,
@@ -292,7 +342,7 @@ class NetworkRegistration:
     def weight_map(self, lam: float = 0.5) -> np.ndarray:
         """The network's λ(x) ∈ (0, 1) (not scaled by λ) on the fixed grid, (Z, Y, X) float32."""
         out = self.network.decode_coarse(self.encoded, float(lam))
-        return grid_sample(out.weight_map, self.points, "linear", padding_mode="border")[0, 0].cpu().numpy()
+        return self._to_fixed(self._coarse_fields(out)[:, 6:])[0, 0].cpu().numpy()
 
     # ----------------------------------------------------------------------------------- adapt
     def adapt(

@@ -205,6 +205,84 @@ def sampling_grid(
     return grid
 
 
+class AxisAlignedResampler:
+    """Trilinear resampling between two grids whose axes are parallel (up to order and sign).
+
+    When every source axis is an affine function of a single target axis (no rotation beyond
+    permutations and flips: a fixed image and a working grid of the same orientation family, such
+    as OASIS LIA scans and the shipped LIA model), trilinear interpolation factorizes into three
+    1-D linear interpolations, each a matrix product with a (target length, source length) matrix
+    of two non-zeros per row. On CPU those products are several times faster than one 3-D
+    ``grid_sample`` over a large target, and the values are the same: it equals
+    ``grid_sample(field, sampling_grid(target, source), "linear", padding_mode="border")``
+    (``align_corners=True``) up to float rounding.
+
+    Build one with :meth:`between` (None when the grids are oblique to each other), then call it
+    on (N, C, z, y, x) fields on the source grid to get (N, C, Z, Y, X) on the target grid.
+    """
+
+    def __init__(self, axes, matrices, target_shape) -> None:
+        self.axes = axes  # axes[c] = target axis (0 = X, 1 = Y, 2 = Z) that source axis c (x, y, z) follows
+        self.matrices = matrices  # matrices[c]: (target length, source length) interpolation weights
+        self.target_shape = tuple(int(n) for n in target_shape)
+
+    @classmethod
+    def between(
+        cls, target_grid: ImageGrid, source_grid: ImageGrid, device=None, tolerance: float = 1e-6
+    ) -> Optional["AxisAlignedResampler"]:
+        """The resampler from fields on ``source_grid`` to ``target_grid`` (both RAS), or None if
+        some source axis depends on more than one target axis (grids oblique to each other)."""
+        theta = affine_theta(np.eye(4), target_grid, source_grid)  # (3, 4): target normalized -> source normalized
+        linear = np.abs(theta[:, :3])
+        axes = [int(np.argmax(row)) for row in linear]
+        if sorted(axes) != [0, 1, 2]:
+            return None
+        for c, a in enumerate(axes):
+            if np.any(np.delete(linear[c], a) > tolerance * max(linear[c, a], 1.0)):
+                return None
+        target_xyz, source_xyz = target_grid.shape[::-1], source_grid.shape[::-1]
+        matrices = []
+        for c, a in enumerate(axes):
+            n_target, n_source = int(target_xyz[a]), int(source_xyz[c])
+            # affine_grid's target coordinates for align_corners=True (a single voxel sits at 0)
+            t = np.linspace(-1.0, 1.0, n_target) if n_target > 1 else np.zeros(1)
+            index = np.clip((theta[c, a] * t + theta[c, 3] + 1.0) * (n_source - 1) / 2.0, 0.0, n_source - 1)  # border
+            i0 = np.minimum(np.floor(index), max(n_source - 2, 0)).astype(np.int64)
+            w = index - i0
+            m = np.zeros((n_target, n_source), dtype=np.float32)
+            rows = np.arange(n_target)
+            np.add.at(m, (rows, i0), 1.0 - w)
+            np.add.at(m, (rows, np.minimum(i0 + 1, n_source - 1)), w)
+            matrices.append(torch.as_tensor(m, device=device))
+        return cls(axes, matrices, target_grid.shape)
+
+    def __call__(self, field: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """(N, C, z, y, x) on the source grid -> (N, C, Z, Y, X) on the target grid, or
+        (N, Z, Y, X, C) with ``channels_last`` (e.g. a vector field for ``grid_sample``), contiguous."""
+        if field.dim() != 5:
+            raise ValueError(f"AxisAlignedResampler needs an (N, C, z, y, x) field, got {tuple(field.shape)}")
+        n, channels = field.shape[:2]
+        out = field.reshape(n * channels, *field.shape[2:])
+        # Each pass is a matrix product along one axis; the source axis with the fewest voxels goes
+        # last, because the last pass writes the whole target (cost: target size x source length).
+        for c in sorted(range(3), key=lambda k: -self.matrices[k].shape[1]):
+            m = self.matrices[c].to(out.dtype)
+            b, z, y, x = out.shape
+            if c == 0:  # x: the last dimension
+                out = (out.reshape(-1, x) @ m.T).view(b, z, y, -1)
+            elif c == 1:  # y
+                out = (m @ out.reshape(b * z, y, x)).view(b, z, -1, x)
+            else:  # z
+                out = (m @ out.reshape(b, z, y * x)).view(b, -1, y, x)
+        # tensor dim (4 - c) now runs along target axis axes[c], whose place is dim (4 - axes[c])
+        order = [0, 1, 0, 0, 0]
+        for c, a in enumerate(self.axes):
+            order[4 - a] = 4 - c
+        if channels_last:
+            order = [0, *order[2:], 1]
+        return out.view(n, channels, *out.shape[1:]).permute(*order).contiguous()
+
+
 def displacement_to_ras(
     displacement: Optional[torch.Tensor], grid: ImageGrid, affine_ras: Optional[np.ndarray] = None
 ) -> np.ndarray:

@@ -7,10 +7,27 @@ import numpy as np
 from .grid import ImageGrid
 
 
+def sampled_percentiles(image: np.ndarray, q, samples: int = 250_000, absolute: bool = False) -> np.ndarray | None:
+    """Percentiles ``q`` (0-100) of the finite values (their magnitudes if ``absolute``) of about
+    ``samples`` evenly strided voxels.
+
+    As good as the exact percentiles for display windows and robust rescaling, and much faster on
+    large volumes (it runs on every slider move). None when no value is finite.
+    """
+    flat = np.asarray(image).reshape(-1)
+    flat = flat[:: max(1, flat.size // samples)]
+    finite = flat[np.isfinite(flat)]
+    if absolute:
+        finite = np.abs(finite)
+    return np.percentile(finite, q) if finite.size else None
+
+
 def _rescaled(image: np.ndarray) -> np.ndarray:
     """Robust min-max to [0, 1] (1st-99th percentile) so two images of different range can interleave."""
-    lo, hi = np.percentile(image, [1, 99])
-    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+    lo, hi = sampled_percentiles(image, [1, 99])
+    out = np.subtract(image, lo, dtype=np.float32)
+    out *= np.float32(1.0 / max(hi - lo, 1e-6))
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def checkerboard(fixed: np.ndarray, warped: np.ndarray, grid: ImageGrid, square_mm: float = 20.0) -> np.ndarray:
@@ -26,10 +43,12 @@ def checkerboard(fixed: np.ndarray, warped: np.ndarray, grid: ImageGrid, square_
         raise ValueError(f"checkerboard() needs fixed, warped and grid of one shape, got {fixed.shape}, {warped.shape}, {grid.shape}")
     if square_mm <= 0:
         raise ValueError(f"checkerboard() square_mm must be positive, got {square_mm}")
-    index = np.indices(grid.shape, sparse=True)  # K, J, I
-    spacing_kji = grid.spacing[::-1]
-    parity = sum((idx * s // square_mm).astype(np.int64) for idx, s in zip(index, spacing_kji)) % 2
-    return np.where(parity == 0, _rescaled(fixed), _rescaled(warped)).astype(np.float32)
+    # odd square index along an axis flips the colour: XOR of three 1-D parities, broadcast
+    odd = [(np.arange(n) * s // square_mm).astype(np.int64) % 2 == 1 for n, s in zip(grid.shape, grid.spacing[::-1])]
+    warped_here = odd[0][:, None, None] ^ odd[1][None, :, None] ^ odd[2][None, None, :]
+    board = _rescaled(fixed)
+    np.copyto(board, _rescaled(warped), where=warped_here)
+    return board
 
 
 def difference(fixed: np.ndarray, warped: np.ndarray) -> np.ndarray:
