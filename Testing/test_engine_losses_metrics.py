@@ -66,8 +66,7 @@ def test_similarity_of_identical_images_is_best():
     assert sim.lncc(fixed, 2 * fixed + 1, window_vox=(3, 3, 3)).item() == pytest.approx(0.0, abs=1e-3)
     # NGF is invariant to intensity scale; its optimum is below 1 because of the edge parameter
     assert sim.ngf(fixed, 3 * fixed).item() == pytest.approx(sim.ngf(fixed, fixed).item())
-    # (own generator: register_images re-seeds torch's global RNG, which made rand_like(fixed) == fixed
-    # when an optimizer test ran first)
+    # (own generator, so the result does not depend on what ran before in the same process)
     unrelated = torch.rand(fixed.shape, generator=torch.Generator().manual_seed(7), dtype=fixed.dtype)
     assert sim.ngf(fixed, fixed).item() < sim.ngf(fixed, unrelated).item() - 0.1
     # MI ranks an intensity-remapped copy above an unrelated image

@@ -109,6 +109,18 @@ def test_progress_and_cancel(demo):
     assert fractions == sorted(fractions) and all(0 <= f <= 1 for f in fractions)
 
 
+def test_registration_leaves_the_callers_random_stream_alone(demo):
+    import torch
+
+    torch.manual_seed(1234)
+    expected = torch.rand(5)
+    torch.manual_seed(1234)
+    with pytest.raises(RegistrationCancelled):  # a short run is enough: the seed is set first
+        register_images(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, RegistrationOptions(**QUICK, seed=7),
+                        cancel=lambda: True)
+    assert torch.equal(torch.rand(5), expected)
+
+
 def test_lambda_map_is_used_and_reported(demo):
     lam_map = np.ones(demo.fixed_grid.shape, np.float32)
     lam_map[:, :, : lam_map.shape[2] // 2] = 0.2

@@ -535,6 +535,19 @@ def register_images(
             bad options, CUDA requested but absent, or no overlap after initialization.
         RegistrationCancelled: when ``cancel()`` returned True.
     """
+    # Seed inside a fork of torch's global RNG state, so a registration does not reset the
+    # caller's random stream (Slicer's Python console, a training loop, tests).
+    seed = int((options or RegistrationOptions()).seed)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        return _register_images(fixed, fixed_grid, moving, moving_grid, options, fixed_mask, lambda_map, progress, cancel)
+
+
+def _register_images(fixed, fixed_grid, moving, moving_grid, options, fixed_mask, lambda_map, progress, cancel) -> RegistrationResult:
+    """:func:`register_images` after seeding (same arguments and result)."""
     start = time.perf_counter()
     opts = replace(options or RegistrationOptions()).validated()
     fixed = validate_volume("fixed", fixed, fixed_grid)
@@ -553,7 +566,6 @@ def register_images(
         if not np.isfinite(lam_map).all() or lam_map.min() < 0 or lam_map.max() > 1:
             raise ValueError("the λ map must hold finite values in [0, 1]")
     device = choose_device(opts.device)
-    torch.manual_seed(opts.seed)
 
     moving_for_similarity = moving
     if opts.similarity == "mse" and opts.histogram_matching:
