@@ -59,11 +59,36 @@ def ants_displacement(fixed, fixed_grid, moving, moving_grid, type_of_transform:
 def elastix_displacement(fixed, fixed_grid, moving, moving_grid, threads: int = 2) -> np.ndarray:
     """elastix (itk-elastix): default "affine" then default "bspline" parameter maps; transformix field.
 
-    ``transformix_deformation_field`` samples the final transform at every fixed voxel:
-    T(x) - x with LPS components, the resampling convention.
+    Args:
+        fixed, moving: (Z, Y, X) arrays on ``fixed_grid`` / ``moving_grid`` (any real dtype; cast
+            to float32).
+        threads: the most threads ITK (and so elastix) may use, >= 1; set process-wide and left
+            in place (the benchmark runs every method in its own process).
+
+    Returns:
+        (Z, Y, X, 3) float32 RAS mm resampling displacement on ``fixed_grid`` (moving point =
+        x + d(x)). ``transformix_deformation_field`` samples the final transform at every fixed
+        voxel: T(x) - x with LPS components, converted by :func:`lps_field_to_ras`.
+
+    Raises:
+        ValueError: ``threads`` < 1.
+        RuntimeError: elastix or transformix fails (message: ITK's exception and the tail of
+            elastix's log), or the field does not have the fixed grid's shape.
+
+    The thread count is set through ITK's process-wide defaults, never through
+    ``number_of_threads``: with itk-elastix 0.25.4 (ITK 5.4.7, TBB threader) that argument (elastix's
+    "-threads") > 1 makes the B-spline map's multi-metric (Mattes MI + bending energy penalty)
+    segfault in the Mattes MI threaded joint-histogram code (seen with 2 and 4; 1 works, and so do
+    ITK's Pool and Platform threaders): upstream ITKElastix issues #160 and #295.
     """
     import itk
 
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    # Every ITK threader created from here on (elastix's included) takes the global default as its
+    # thread limit; the maximum goes first because ITK clamps the default to the maximum in force.
+    itk.MultiThreaderBase.SetGlobalMaximumNumberOfThreads(threads)
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
     with tempfile.TemporaryDirectory(prefix="lr-elastix-") as tmp:
         tmp = Path(tmp)
         f = itk.imread(_write(tmp / "fixed.nii.gz", fixed, fixed_grid), itk.F)
@@ -71,10 +96,18 @@ def elastix_displacement(fixed, fixed_grid, moving, moving_grid, threads: int = 
         params = itk.ParameterObject.New()
         params.AddParameterMap(params.GetDefaultParameterMap("affine"))
         params.AddParameterMap(params.GetDefaultParameterMap("bspline"))
-        _, transform = itk.elastix_registration_method(
-            f, m, parameter_object=params, log_to_console=False, number_of_threads=threads
-        )
-        field = itk.transformix_deformation_field(m, transform)
+        log = tmp / "elastix.log"
+        try:
+            # ITK's exception only says "see elastix log": log to a file so a failure can quote it
+            _, transform = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False,
+                                                           log_to_file=True, output_directory=str(tmp),
+                                                           log_file_name=log.name)
+            # transformix also writes deformationField.nii to its output directory, the CWD by default
+            field = itk.transformix_deformation_field(m, transform, output_directory=str(tmp))
+        except RuntimeError as error:  # how ITK exceptions reach Python
+            text = log.read_text(errors="replace") if log.exists() else ""
+            tail = "\n".join([line for line in text.splitlines() if line.strip()][-10:]) or "(no elastix log)"
+            raise RuntimeError(f"elastix/transformix failed: {error}\nelastix log tail:\n{tail}") from error
         array = np.asarray(itk.array_from_image(field))
     if array.shape != (*fixed_grid.shape, 3):
         raise RuntimeError(f"elastix deformation field has shape {array.shape}, expected {(*fixed_grid.shape, 3)}")
