@@ -2,7 +2,7 @@
 """Side-by-side benchmark: our optimizer (over a λ sweep) against ANTs SyN, elastix and demons.
 
     bash scripts/setup_bench_env.sh                      # once: .venv-bench with antspyx + itk-elastix
-    .venv-bench/bin/python scripts/benchmark.py --quick  # ≤ 10 min on 2 CPU threads
+    .venv-bench/bin/python scripts/benchmark.py --quick  # 15 min on 2 CPU threads (910 s measured; elastix ~6 min)
     .venv-bench/bin/python scripts/benchmark.py          # every pair, full λ sweep
 
 Writes ``benchmarks/results.md``, ``benchmarks/results.json`` and ``benchmarks/figures/*.png``.
@@ -456,7 +456,7 @@ def versions() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"pairs {', '.join(QUICK_PAIRS)} and λ {QUICK_LAMBDAS} (≤ 10 min)")
+    parser.add_argument("--quick", action="store_true", help=f"pairs {', '.join(QUICK_PAIRS)} and λ {QUICK_LAMBDAS} (about 15 min on 2 cores)")
     parser.add_argument("--pairs", help="comma-separated pair names (default: by mode)")
     parser.add_argument("--lambdas", help="comma-separated λ values of the sweep (default: by mode)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("LEARNEDREG_DATA", ROOT.parent / "shared" / "data")))

@@ -25,13 +25,20 @@ affinely aligned to the first one (least squares between the centroids of their 
 the OASIS scans are affinely pre-aligned, so the network learns the deformable part.
 
 The shipped model (``LearnedRegistration/Resources/Models/lambda_synthmorph_2mm.pt``, 1 MB) was
-trained on this machine's 2 CPU cores within one work session, by:
+trained on this machine's 2 CPU cores over two work sessions: 600 steps by
 
     .venv/bin/python scripts/train.py --device cpu --threads 2 --steps 1100 --working-spacing 2 \
         --lr 7e-4 --lr-decay-start 0.5 --val-every 200 --rotation-deg 1 --translation-mm 1 \
         --scaling 0.01 --output output/train/network_2mm.pt
 
-(copied into Resources/Models; its log is ``benchmarks/training_log_lambda_synthmorph_2mm.json``).
+(stopped by hand at step 600), then 1000 more steps continuing from it by
+
+    .venv/bin/python scripts/train.py --device cpu --threads 2 --steps 2000 --seed 1 --working-spacing 2 \
+        --lr 5e-4 --lr-decay-start 0.6 --val-every 250 --rotation-deg 1 --translation-mm 1 --scaling 0.01 \
+        --init LearnedRegistration/Resources/Models/lambda_synthmorph_2mm.pt --output output/train/network_2mm_cont.pt
+
+(stopped by hand after the validation at its step 1000, i.e. 1600 in all; copied into
+Resources/Models; the merged log is ``benchmarks/training_log_lambda_synthmorph_2mm.json``).
 A GPU run would simply use ``--device cuda`` and many more ``--steps``.
 
 Smoke run on CPU:
@@ -331,7 +338,7 @@ def main(argv=None) -> int:
         for lam in val_lambdas:
             row = {"step": before["iterations"] + step, **validation.score(network, lam)}
             curve.append(row)
-            print(f"  val step {step:6d} λ={lam:.2f}: Dice {row['dice']:.4f}  folding {row['folding_percent']:.3f} %  "
+            print(f"  val step {row['step']:6d} λ={lam:.2f}: Dice {row['dice']:.4f}  folding {row['folding_percent']:.3f} %  "
                   f"mean λ(x) {row['weight_map_mean']:.3f}", flush=True)
         meta = metadata(step)
         save_checkpoint(args.output, network, meta)
@@ -358,7 +365,7 @@ def main(argv=None) -> int:
         if step % max(1, min(100, args.val_every)) == 0 or step <= 3:
             row = {"step": before["iterations"] + step, **{k: round(v, 5) for k, v in running.items()}}
             train_curve.append(row)
-            print(f"step {step:6d}  loss {terms.loss:.4f}  Dice {terms.dice:.4f}  reg {terms.regularization:.4f}  "
+            print(f"step {row['step']:6d}  loss {terms.loss:.4f}  Dice {terms.dice:.4f}  reg {terms.regularization:.4f}  "
                   f"prior {terms.prior:.3f}  λ {lam.tolist()}  {seconds:.2f} s/step", flush=True)
         if step % args.val_every == 0 or step == args.steps:
             validate(step)
