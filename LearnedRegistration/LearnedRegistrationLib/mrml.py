@@ -190,9 +190,8 @@ def _replaceScalars(imageData, vtkArray, shape) -> bool:
     return True
 
 
-def _imageDataFromArray(array: np.ndarray, copy: bool = True) -> vtk.vtkImageData:
-    """vtkImageData (origin 0, spacing 1) holding a (Z, Y, X[, C]) array (see :func:`_vtkArrayFromArray`)."""
-    vtkArray, shape = _vtkArrayFromArray(array, copy)
+def _imageDataFromVtkArray(vtkArray, shape) -> vtk.vtkImageData:
+    """vtkImageData (origin 0, spacing 1) holding ``vtkArray`` as scalars, for a (Z, Y, X) ``shape``."""
     imageData = vtk.vtkImageData()
     # FRAME: numpy (Z, Y, X) -> VTK dimensions (I, J, K).
     imageData.SetDimensions(shape[2], shape[1], shape[0])
@@ -395,10 +394,7 @@ def updateVolumeNodeFromArray(
         volumeNode.SetIJKToRASMatrix(vtkMatrixFromArray(grid.ijk_to_ras))
         vtkArray, shape = _vtkArrayFromArray(array, copy)
         if not _replaceScalars(volumeNode.GetImageData(), vtkArray, shape):
-            imageData = vtk.vtkImageData()
-            imageData.SetDimensions(shape[2], shape[1], shape[0])
-            imageData.GetPointData().SetScalars(vtkArray)
-            volumeNode.SetAndObserveImageData(imageData)
+            volumeNode.SetAndObserveImageData(_imageDataFromVtkArray(vtkArray, shape))
         if volumeNode.GetDisplayNode() is None:
             volumeNode.CreateDefaultDisplayNodes()
     finally:
@@ -490,10 +486,23 @@ def gridTransformFromDisplacement(displacementRas: np.ndarray, grid: ImageGrid) 
 
     The vectors are stored as float32 (what the engine computes; Slicer reads, writes and
     interpolates float grids) in a copy of their own.
+
+    Raises:
+        ValueError: ``displacementRas`` is not (Z, Y, X, 3) on ``grid``.
     """
+    return _gridTransformFromVectors(*_displacementVectors(displacementRas, grid), grid)
+
+
+def _displacementVectors(displacementRas: np.ndarray, grid: ImageGrid):
+    """(vtkDataArray, shape) of a float32 copy of a (Z, Y, X, 3) displacement checked against ``grid``."""
     displacementRas = np.array(displacementRas, dtype=np.float32, copy=True)
     _checkArrayOnGrid(displacementRas, grid, "displacement field", 3)
-    displacementGrid = _imageDataFromArray(displacementRas, copy=False)
+    return _vtkArrayFromArray(displacementRas, copy=False)
+
+
+def _gridTransformFromVectors(vtkArray, shape, grid: ImageGrid) -> "slicer.vtkOrientedGridTransform":
+    """:func:`gridTransformFromDisplacement` from prepared vectors (:func:`_displacementVectors`)."""
+    displacementGrid = _imageDataFromVtkArray(vtkArray, shape)
     displacementGrid.SetOrigin(*grid.origin)
     displacementGrid.SetSpacing(*grid.spacing)
     directionMatrix = vtk.vtkMatrix4x4()
@@ -518,8 +527,13 @@ def updateGridTransformNode(scene, displacementRas: np.ndarray, grid: ImageGrid,
         displacementRas: (Z, Y, X, 3) RAS mm on ``grid`` (the fixed grid).
 
     Returns:
-        The grid transform node.
+        The grid transform node. Updated on the same grid, it keeps its transform object (only
+        the vectors are swapped, as a slider move does).
+
+    Raises:
+        ValueError: ``displacementRas`` not on ``grid``, or ``transformNode`` not a grid transform node.
     """
+    vectors, shape = _displacementVectors(displacementRas, grid)  # checked before the scene changes
     if transformNode is None:
         transformNode = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", scene.GenerateUniqueName(name))
     elif not transformNode.IsA("vtkMRMLGridTransformNode"):
@@ -528,13 +542,13 @@ def updateGridTransformNode(scene, displacementRas: np.ndarray, grid: ImageGrid,
             f"got a {transformNode.GetClassName()}"
         )
     # "From parent" = world (fixed) -> local (moving): the resampling direction.
-    if not _replaceGridDisplacement(transformNode.GetTransformFromParent(), displacementRas, grid):
-        transformNode.SetAndObserveTransformFromParent(gridTransformFromDisplacement(displacementRas, grid))
+    if not _replaceGridDisplacement(transformNode.GetTransformFromParent(), vectors, shape, grid):
+        transformNode.SetAndObserveTransformFromParent(_gridTransformFromVectors(vectors, shape, grid))
     return transformNode
 
 
-def _replaceGridDisplacement(transform, displacementRas: np.ndarray, grid: ImageGrid) -> bool:
-    """Swap new vectors into an existing grid transform on the same grid (True), else do nothing (False).
+def _replaceGridDisplacement(transform, vectors, shape, grid: ImageGrid) -> bool:
+    """Swap ``vectors`` into an existing grid transform on the same grid (True), else do nothing (False).
 
     The slider path: the transform object stays, so Slicer only sees a modification.
     """
@@ -549,8 +563,7 @@ def _replaceGridDisplacement(transform, displacementRas: np.ndarray, grid: Image
         and np.allclose(displacementGrid.GetSpacing(), grid.spacing)
         and np.allclose(arrayFromVtkMatrix(directionMatrix)[:3, :3], grid.direction)
     )
-    vtkArray, shape = _vtkArrayFromArray(np.array(displacementRas, dtype=np.float32, copy=True), copy=False)
-    if not sameGeometry or not _replaceScalars(displacementGrid, vtkArray, shape):
+    if not sameGeometry or not _replaceScalars(displacementGrid, vectors, shape):
         return False
     transform.Modified()
     return True

@@ -220,15 +220,17 @@ class NetworkRegistration:
         """Cache what every λ needs: the moving image as a tensor and the two 3x3 maps from a
         normalized working displacement to RAS mm (through the affine) and to the moving image's
         normalized frame (the fixed voxels' working positions come in :meth:`_to_fixed`)."""
-        self._points = None  # (1, Z, Y, X, 3) fixed voxels in the working frame, oblique grids only
-        self._resampler, self._resampler_shape = None, None  # see _to_fixed()
-        self._coarse_shape = self._extended_grid = None  # see _coarse_fields()
+        # Geometry of the network's output grid, built by _coarse_fields() for the shape it sees:
+        self._coarse_shape = self._extended_grid = self._coarse_base = None
+        self._resampler = None  # fixed <- extended grid, when axis-aligned (see _to_fixed())
+        self._points = None  # else (1, Z, Y, X, 3) fixed voxels in the extended grid's frame
         a3 = self.affine_ras[:3, :3]
         to_moving = self.moving_grid.ras_to_normalized
         # normalized working displacement (x, y, z) -> mm along working I, J, K -> RAS -> through A
         to_ras = a3 @ np.asarray(self.work.direction) @ np.diag(self.work.normalized_unit_mm)
-        self.to_ras = torch.as_tensor(to_ras.T.astype(np.float32), device=self.device)
-        self.to_moving = torch.as_tensor((to_moving[:3, :3] @ to_ras).T.astype(np.float32), device=self.device)
+        # (3, 6): a row vector u maps to [RAS mm | moving image's normalized frame]
+        linear = np.concatenate([to_ras.T, (to_moving[:3, :3] @ to_ras).T], axis=1)
+        self._linear = torch.as_tensor(linear.astype(np.float32), device=self.device)
         self.moving_tensor = torch.as_tensor(np.ascontiguousarray(self.moving, dtype=np.float32), device=self.device)[None, None]
 
     # ----------------------------------------------------------------------------------- predict
@@ -268,21 +270,15 @@ class NetworkRegistration:
         )
         return result
 
-    def _to_fixed(self, coarse: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    def _to_fixed(self, coarse: torch.Tensor) -> torch.Tensor:
         """(1, C, z + 2, y + 2, x + 2) fields on the extended output grid (:meth:`_coarse_fields`) ->
-        (1, C, Z, Y, X) at the fixed voxels, or (1, Z, Y, X, C) with ``channels_last`` (trilinear,
-        contiguous): three 1-D passes when the grids are axis-aligned, else ``grid_sample``."""
-        grid = self._extended_grid
-        if self._resampler_shape != grid.shape:
-            self._resampler_shape = grid.shape
-            self._resampler = AxisAlignedResampler.between(self.fixed_grid, grid, self.device)
-            self._points = None
+        (1, C, Z, Y, X) at the fixed voxels (trilinear): three 1-D passes when the grids are
+        axis-aligned, else ``grid_sample``."""
         if self._resampler is not None:
-            return self._resampler(coarse, channels_last)
+            return self._resampler(coarse)
         if self._points is None:
-            self._points = sampling_grid(self.fixed_grid, grid, device=self.device)
-        sampled = grid_sample(coarse, self._points, "linear", padding_mode="border")
-        return sampled.permute(0, 2, 3, 4, 1).contiguous() if channels_last else sampled
+            self._points = sampling_grid(self.fixed_grid, self._extended_grid, device=self.device)
+        return grid_sample(coarse, self._points, "linear", padding_mode="border")
 
     def _coarse_fields(self, out) -> torch.Tensor:
         """Everything a slider move samples, on the network's output grid: (1, 7, z + 2, y + 2, x + 2)
@@ -309,8 +305,9 @@ class NetworkRegistration:
             base = np.concatenate([moved - ras, moved @ to_moving[:3, :3].T + to_moving[:3, 3]], axis=-1)
             self._coarse_base = torch.as_tensor(base.transpose(3, 0, 1, 2)[None].astype(np.float32), device=self.device)
             self._extended_grid = extended
-        linear = torch.cat([self.to_ras, self.to_moving], dim=1)  # (3, 6): normalized u -> RAS mm | moving normalized
-        deformable = torch.cat([torch.einsum("nkzyx,kc->nczyx", u, linear), out.weight_map], dim=1)
+            self._resampler = AxisAlignedResampler.between(self.fixed_grid, extended, self.device)
+            self._points = None
+        deformable = torch.cat([torch.einsum("nkzyx,kc->nczyx", u, self._linear), out.weight_map], dim=1)
         deformable = F.pad(deformable, (1,) * 6, mode="replicate")  # border value, like grid_sample's "border"
         return torch.cat([self._coarse_base + deformable[:, :6], deformable[:, 6:]], dim=1)
 
