@@ -120,11 +120,47 @@ def test_plan_and_network_rows():
     fixed = np.exp(-(p**2).sum(-1) / 200.0).astype(np.float32)
     moving = np.exp(-((p - [2.0, -1.0, 1.0]) ** 2).sum(-1) / 220.0).astype(np.float32)
     pair = {"fixed": fixed, "fixed_grid": grid, "moving": moving, "moving_grid": grid}
-    displacement, row = benchmark.run_network(pair, adapt=False)
-    assert displacement.shape == (*grid.shape, 3) and np.isfinite(displacement).all()
-    assert row["label"].startswith("ours (network,") and row["lambda"] == pytest.approx(0.25)
+    rows = benchmark.run_network(pair, False, [0.25, 0.5], {"pair": "toy", "method": "network"}, None)
+    assert [r["lambda"] for r in rows] == [0.25, 0.5] and all(r["label"].startswith("ours (network)") for r in rows)
+    for r in rows:  # scored: Jacobian metrics of a finite field; one session, so one setup time in both
+        assert np.isfinite(r["sdlogj"]) and 0.0 <= r["folding_percent"] <= 100.0
+        assert 0.0 < r["lambda_change_s"] < r["runtime_s"]
+    assert rows[0]["runtime_s"] - rows[0]["lambda_change_s"] == pytest.approx(rows[1]["runtime_s"] - rows[1]["lambda_change_s"])
 
 
 def test_helpers_import_no_peer_tools():
     assert "ants" not in sys.modules and "itk" not in sys.modules
     assert bench_helpers.__name__ == "bench_helpers"
+
+
+# --------------------------------------------------------------------------------- benchmark plan and verdict
+def test_quick_plan_keeps_slow_methods_to_the_sweep_pair():
+    import benchmark as bench
+
+    flags = {"oasis_l2r_to_vxm": {"multimodal": False, "prealigned": True}, "synth_ct": {"multimodal": False, "prealigned": True}}
+    quick = bench.plan(("oasis_l2r_to_vxm", "synth_ct"), (0.1, 0.25), True, flags, quick=True)
+    full = bench.plan(("oasis_l2r_to_vxm", "synth_ct"), (0.1, 0.25), True, flags, quick=False)
+    methods = lambda jobs, pair: [j["method"] for j in jobs if j["pair"] == pair]  # noqa: E731
+    assert "elastix" in methods(quick, "oasis_l2r_to_vxm") and "network+adapt" in methods(quick, "oasis_l2r_to_vxm")
+    assert "elastix" not in methods(quick, "synth_ct") and "network+adapt" not in methods(quick, "synth_ct")
+    assert "elastix" in methods(full, "synth_ct") and "network+adapt" in methods(full, "synth_ct")
+    # the network runs once per pair and predicts every λ of the pair's sweep (default λ elsewhere)
+    network = [j for j in full if j["method"] == "network"]
+    assert [j["lambdas"] for j in network] == [[0.1, 0.25], [0.25]]
+    assert sum(j.get("snapshot", False) for j in full) == 2  # optimize and network+adapt, default λ, OASIS
+
+
+def test_verdict_states_dice_and_time_against_ants():
+    import benchmark as bench
+
+    rows = [
+        {"pair": "p", "method": "demons", "label": "demons", "dice_mean": 0.74, "runtime_s": 80.0},
+        {"pair": "p", "method": "ants", "label": "ANTs", "dice_mean": 0.72, "runtime_s": 100.0},
+        {"pair": "p", "method": "ours", "label": "fast", "lambda": 0.25, "similarity": "mse", "dice_mean": 0.75, "runtime_s": 8.0},
+        {"pair": "p", "method": "network+adapt", "label": "slow", "lambda": 0.25, "dice_mean": 0.73, "runtime_s": 50.0},
+        {"pair": "p", "method": "ours", "label": "other λ", "lambda": 0.5, "similarity": "mse", "dice_mean": 0.70, "runtime_s": 8.0},
+    ]
+    fast, slow = bench.verdict(rows, "p")
+    assert "≥ best peer's 0.740" in fast and "0.08× ANTs" in fast and "met" in fast
+    assert "0.010 below" in slow and "0.50× ANTs" in slow and "missed by 5.0×" in slow
+    assert bench.verdict([r for r in rows if r["method"] != "ants"], "p") == []  # no ANTs time, no claim

@@ -2,7 +2,7 @@
 default options (instance optimization), and the shipped network with test-time adaptation and a
 λ sweep.
 
-Scored over the 30 VoxelMorph labels of ``labels.json``. ``scripts/benchmark_oasis.py`` measured
+Scored over the 30 VoxelMorph labels of ``labels.json``. ``scripts/benchmark.py`` measured
 Dice 0.75 at the default λ on this pair; the test allows 0.02 below that for CPU/BLAS differences.
 """
 

@@ -1,4 +1,4 @@
-"""Pure helpers shared by the benchmark scripts (``scripts/benchmark.py``, ``scripts/benchmark_oasis.py``).
+"""Pure helpers of the peer benchmark (``scripts/benchmark.py``).
 
 Nothing here imports a peer tool (antspyx, itk-elastix): those live in ``scripts/bench_peers.py``,
 so this module and its tests run in the project's main environment.

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Side-by-side benchmark: our optimizer (over a λ sweep) against ANTs SyN, elastix and demons.
+"""Side-by-side benchmark: ours (optimizer, network, network + adaptation, over a λ sweep) against
+ANTs SyN, elastix and SimpleITK's diffeomorphic demons, on real pairs, with Learn2Reg metrics.
 
-    bash scripts/setup_bench_env.sh                      # once: .venv-bench with antspyx + itk-elastix
-    .venv-bench/bin/python scripts/benchmark.py --quick  # 15 min on 2 CPU threads (910 s measured; elastix ~6 min)
-    .venv-bench/bin/python scripts/benchmark.py          # every pair, full λ sweep
+    bash scripts/setup_bench_env.sh                                     # once: .venv-bench with antspyx + itk-elastix
+    .venv-bench/bin/python scripts/benchmark.py --quick --with-network  # ≤ 10 min on 2 CPU threads -> benchmarks/quick/
+    .venv-bench/bin/python scripts/benchmark.py --with-network          # every pair, full λ sweep -> benchmarks/
 
-Writes ``benchmarks/results.md``, ``benchmarks/results.json`` and ``benchmarks/figures/*.png``.
+Writes ``results.md``, ``results.json`` and ``figures/*.png`` under ``--output`` (default
+``benchmarks/`` for the full mode, ``benchmarks/quick/`` for the quick one, so a quick run never
+overwrites the full results). Quick mode: the forward OASIS pair with λ 0.1, 0.25, 0.5 and the
+synthetic CT pair at the default λ, without elastix and network+adapt there (1.5-2.5 min each).
 
 Every method runs in its own process (``--single``), so its wall time and peak RSS are its own;
 ITK tools and torch get the same number of threads (``--threads``, default 2). Every result is
@@ -30,7 +34,9 @@ into the repository; generated pairs are cached in a temporary folder):
   "mi" and "ngf".
 
 With ``--with-network``, the shipped λ-conditioned network adds rows "network" and
-"network+adapt" (test-time adaptation) at the default λ (:func:`run_network`).
+"network+adapt" (test-time adaptation) at every λ of the pair's sweep, from one session each
+(:func:`run_network`). The results name, for each OASIS pair, how far each of ours at the default
+λ is from the target: the best peer's Dice at ≤ 0.1× ANTs SyN's wall time (:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ QUICK_LAMBDAS = (0.1, 0.25, 0.5)
 FULL_LAMBDAS = (0.05, 0.1, 0.25, 0.5, 0.75)
 SWEEP_PAIRS = {"oasis_l2r_to_vxm", "oasis_vxm_to_l2r"}  # λ sweep here; default λ only elsewhere
 SNAPSHOT_PAIR = "oasis_l2r_to_vxm"
+#: In quick mode these slow methods (1.5-2.5 min a pair on 2 cores) run on the λ-sweep pairs only.
+QUICK_SWEEP_PAIRS_ONLY = ("elastix", "network+adapt")
 PEERS = ("identity", "demons", "ants", "elastix")
 #: The shipped λ-conditioned network, alone and with test-time adaptation (``--with-network``).
 NETWORK_METHODS = ("network", "network+adapt")
@@ -190,31 +198,51 @@ def score(pair: dict, displacement_ras: np.ndarray) -> dict:
 
 
 # ===================================================================================== methods
-def run_network(pair: dict, adapt: bool):
-    """The shipped network's rows ("network"; with ``adapt`` "network+adapt") at the default λ.
+def run_network(pair: dict, adapt: bool, lambdas, row: dict, snapshot: str | None, similarity: str | None = None) -> list[dict]:
+    """The shipped network's rows ("network"; with ``adapt`` "network+adapt"), one per λ of ``lambdas``.
 
     Same path as the logic (:func:`predict.register_with_network`): our affine stage, the network,
-    optionally test-time adaptation; returns ``(displacement_ras, extra_row_fields)``.
+    optionally test-time adaptation, once; then one ``predict(λ)`` per λ, as the slider does. A row's
+    ``runtime_s`` is the time to its first result (session + that prediction), ``lambda_change_s``
+    the prediction alone; ``peak_rss_gb`` is taken after the first prediction, before any scoring.
+    ``similarity`` is the affine stage's (default "mse").
     """
     from LearnedRegistrationLib.checkpoint import load_checkpoint
-    from LearnedRegistrationLib.optimize import DEFAULT_LAMBDA
+    from LearnedRegistrationLib.optimize import DEFAULT_LAMBDA, RegistrationOptions
     from LearnedRegistrationLib.predict import DEFAULT_MODEL_PATH, AdaptationOptions, register_with_network
 
+    start = time.perf_counter()
     network, metadata = load_checkpoint(DEFAULT_MODEL_PATH)
-    session = register_with_network(network, metadata, pair["fixed"], pair["fixed_grid"], pair["moving"],
-                                    pair["moving_grid"], adaptation=AdaptationOptions() if adapt else None)
-    result = session.predict(DEFAULT_LAMBDA)
-    name = "network+adapt" if adapt else "network"
-    return result.displacement_ras, {"lambda": DEFAULT_LAMBDA, "device": result.device, "label": f"ours ({name}, λ={DEFAULT_LAMBDA:g})"}
+    session = register_with_network(network, metadata, pair["fixed"], pair["fixed_grid"], pair["moving"], pair["moving_grid"],
+                                    options=RegistrationOptions(similarity=similarity or "mse"),
+                                    adaptation=AdaptationOptions() if adapt else None)
+    session_s = time.perf_counter() - start
+    rows, peak = [], None
+    for lam in lambdas:
+        start = time.perf_counter()
+        result = session.predict(lam)
+        predict_s = time.perf_counter() - start
+        peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        metrics, jac = score(pair, result.displacement_ras)
+        rows.append({**row, "lambda": lam, "device": result.device, "label": f"{METHOD_LABELS[row['method']]}, λ={lam:g}",
+                     "runtime_s": session_s + predict_s, "lambda_change_s": predict_s, "peak_rss_gb": peak, **metrics})
+        if snapshot and lam == DEFAULT_LAMBDA:
+            save_snapshot(pair, result, jac, snapshot)
+    return rows
 
 
-def run_method(pair: dict, method: str, lam: float | None, similarity: str | None, threads: int, snapshot: str | None) -> dict:
-    """One measurement (inside a ``--single`` process): register, convert, time, then score."""
+def run_method(pair: dict, spec: dict, threads: int) -> list[dict]:
+    """One measurement (inside a ``--single`` process): register, convert, time, then score.
+
+    Returns one row, or one per λ for the network methods (one session, a prediction per λ)."""
     from bench_peers import set_threads
 
     set_threads(threads)
+    method, lam, similarity, snapshot = spec["method"], spec.get("lambda"), spec.get("similarity"), spec.get("snapshot")
     fixed, fg, moving, mg = pair["fixed"], pair["fixed_grid"], pair["moving"], pair["moving_grid"]
     row: dict = {"pair": pair["name"], "method": method, "label": METHOD_LABELS[method]}
+    if method in NETWORK_METHODS:
+        return run_network(pair, method == "network+adapt", spec["lambdas"], row, snapshot, similarity)
     result = None
     start = time.perf_counter()
     if method == "identity":
@@ -240,9 +268,6 @@ def run_method(pair: dict, method: str, lam: float | None, similarity: str | Non
         d = result.displacement_ras
         row.update({"lambda": lam, "similarity": similarity, "device": result.device,
                     "label": f"ours (optimize, {similarity}, λ={lam:g})"})
-    elif method in NETWORK_METHODS:
-        d, extra = run_network(pair, adapt=method == "network+adapt")
-        row.update(extra)
     else:
         raise ValueError(f"unknown method {method!r}")
     row["runtime_s"] = 0.0 if method == "identity" else time.perf_counter() - start
@@ -251,7 +276,7 @@ def run_method(pair: dict, method: str, lam: float | None, similarity: str | Non
     row.update(metrics)
     if snapshot and result is not None:
         save_snapshot(pair, result, jac, snapshot)
-    return row
+    return [row]
 
 
 def save_snapshot(pair: dict, result, jac: np.ndarray, path: str) -> None:
@@ -269,6 +294,9 @@ def save_snapshot(pair: dict, result, jac: np.ndarray, path: str) -> None:
 
 # ===================================================================================== frame check
 FRAME_CHECK_T = (6.0, -4.0, 5.0)
+#: elastix's iterations per resolution in the frame check (default maps: 256): the check tests the
+#: frame of the field elastix and transformix hand back, not accuracy, and this cuts it from 2-2.5 min.
+FRAME_CHECK_ELASTIX_ITERATIONS = 32
 
 
 def frame_check_peer(data: Path, name: str, threads: int) -> dict:
@@ -290,7 +318,7 @@ def frame_check_peer(data: Path, name: str, threads: int) -> dict:
     mask[:2], mask[-2:], mask[:, :2], mask[:, -2:], mask[:, :, :2], mask[:, :, -2:] = (False,) * 6
     fn = {"demons": lambda: demons_displacement(image, grid, moving, grid),
           "ants": lambda: ants_displacement(image, grid, moving, grid, "SyN"),
-          "elastix": lambda: elastix_displacement(image, grid, moving, grid, threads)}[name]
+          "elastix": lambda: elastix_displacement(image, grid, moving, grid, threads, FRAME_CHECK_ELASTIX_ITERATIONS)}[name]
     mean = fn()[mask].mean(axis=0)
     error = float(np.linalg.norm(mean - t))
     return {"mean_displacement_ras_mm": [round(float(v), 3) for v in mean], "error_mm": error,
@@ -298,10 +326,7 @@ def frame_check_peer(data: Path, name: str, threads: int) -> dict:
 
 
 def frame_check(data: Path, threads: int, peers=("demons", "ants", "elastix"), timeout: float = 300) -> dict:
-    """:func:`frame_check_peer` for each peer, each in its own process (a crash or hang is recorded).
-
-    elastix's default affine + B-spline maps take 2-2.5 min on 2 threads even on this small image
-    (about 20 s of it loading itk's modules), hence the generous ``timeout``."""
+    """:func:`frame_check_peer` for each peer, each in its own process (a crash or hang is recorded)."""
     out = {"image": "mrbraintumor_5mm/MRBrainTumor1", "translation_ras_mm": list(FRAME_CHECK_T), "peers": {}}
     for name in peers:
         res = in_subprocess({"frame_check": name, "data": str(data)}, threads, timeout)
@@ -325,18 +350,22 @@ def in_subprocess(spec: dict, threads: int, timeout: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def plan(pairs, lambdas, with_network: bool, pair_flags: dict) -> list[dict]:
+def plan(pairs, lambdas, with_network: bool, pair_flags: dict, quick: bool = False) -> list[dict]:
+    """The measurements, in order: each a spec for one ``--single`` process."""
     from LearnedRegistrationLib.optimize import DEFAULT_LAMBDA
 
     jobs = []
     for name in pairs:
         flags = pair_flags[name]
+        slow_ok = not quick or name in SWEEP_PAIRS
         for peer in PEERS:
             if peer == "demons" and (flags["multimodal"] or not flags["prealigned"]):
                 continue  # demons needs same modality and a pre-aligned pair
+            if peer in QUICK_SWEEP_PAIRS_ONLY and not slow_ok:
+                continue
             jobs.append({"pair": name, "method": peer})
         sims = ("mi", "ngf") if flags["multimodal"] else ("mse",)
-        lams = lambdas if name in SWEEP_PAIRS else (DEFAULT_LAMBDA,)
+        lams = tuple(lambdas) if name in SWEEP_PAIRS else (DEFAULT_LAMBDA,)
         for sim in sims:
             for lam in lams:
                 job = {"pair": name, "method": "ours", "lambda": lam, "similarity": sim}
@@ -344,12 +373,46 @@ def plan(pairs, lambdas, with_network: bool, pair_flags: dict) -> list[dict]:
                     job["snapshot"] = True
                 jobs.append(job)
         if with_network:
-            jobs += [{"pair": name, "method": m} for m in NETWORK_METHODS]
+            for method in NETWORK_METHODS:
+                if method in QUICK_SWEEP_PAIRS_ONLY and not slow_ok:
+                    continue
+                if method == "network+adapt" and flags["multimodal"]:
+                    continue  # test-time adaptation optimizes MSE: same modality only
+                job = {"pair": name, "method": method, "lambdas": list(lams)}
+                if flags["multimodal"]:
+                    job["similarity"] = "mi"  # of the affine stage; the network itself is contrast-agnostic
+                if name == SNAPSHOT_PAIR and method == "network+adapt":
+                    job["snapshot"] = True
+                jobs.append(job)
     return jobs
 
 
 def fmt(v, spec=".3f"):
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+
+
+def verdict(rows: list[dict], pair: str) -> list[str]:
+    """Plain statements of the target for one labelled pair: each of ours at the default λ against
+    the best peer's Dice, at no more than a tenth of ANTs SyN's wall time (measured in this run)."""
+    from LearnedRegistrationLib.optimize import DEFAULT_LAMBDA
+
+    ok = [r for r in rows if r["pair"] == pair and "error" not in r and r.get("dice_mean") is not None]
+    peers = [r for r in ok if r["method"] in PEERS[1:]]
+    ants = next((r for r in peers if r["method"] == "ants"), None)
+    if not peers or ants is None:
+        return []
+    best = max(peers, key=lambda r: r["dice_mean"])
+    out = []
+    for r in ok:
+        if r["method"] not in ("ours", *NETWORK_METHODS) or r.get("lambda") != DEFAULT_LAMBDA or r.get("similarity", "mse") != "mse":
+            continue
+        ratio = r["runtime_s"] / ants["runtime_s"]
+        dice = (f"Dice {r['dice_mean']:.3f} ≥ best peer's {best['dice_mean']:.3f} ({best['label']})" if r["dice_mean"] >= best["dice_mean"]
+                else f"Dice {r['dice_mean']:.3f}, {best['dice_mean'] - r['dice_mean']:.3f} below the best peer's {best['dice_mean']:.3f} ({best['label']})")
+        time_ = (f"{r['runtime_s']:.1f} s = {ratio:.2f}× ANTs' {ants['runtime_s']:.1f} s"
+                 + (" (≤ 0.1×: met)" if ratio <= 0.1 else f" (target ≤ 0.1×: missed by {ratio / 0.1:.1f}×)"))
+        out.append(f"- {r['label']}: {dice}; {time_}.")
+    return out
 
 
 def markdown(rows: list[dict], meta: dict, descriptions: dict) -> str:
@@ -381,6 +444,13 @@ def markdown(rows: list[dict], meta: dict, descriptions: dict) -> str:
                 f"{fmt(r.get('dice_mean'))} | {fmt(r.get('dsc30'))} | {fmt(r.get('hd95_mean_mm'), '.2f')} | "
                 f"{fmt(r['folding_percent'], '.4f')} | {fmt(r['sdlogj'])} | {fmt(r.get('displacement_error_mean_mm'), '.2f')} | "
                 f"{fmt(r.get('displacement_error_p95_mm'), '.2f')} |")
+        changes = [r["lambda_change_s"] for r in rows if r["pair"] == name and "lambda_change_s" in r]
+        if changes:
+            lines += ["", f"Network rows: time to the first result at that λ (affine, network{', adaptation' if any(r['method'] == 'network+adapt' and 'lambda_change_s' in r for r in rows if r['pair'] == name) else ''} "
+                      f"and one prediction); a later λ change (the slider) took {min(changes):.2f}–{max(changes):.2f} s."]
+        target = verdict(rows, name)
+        if target:
+            lines += ["", "Target (ours at the default λ: at least the best peer's Dice at ≤ 0.1× ANTs SyN's time):", "", *target]
         comps = [(r, c) for r in rows if r["pair"] == name and "comparisons" in r for c in r["comparisons"]]
         if comps:
             lines += ["", "| ours | vs | time ratio | ΔDice | ΔDSC30 | Δ disp. err mean mm |", "|---|---|---|---|---|---|"]
@@ -391,7 +461,13 @@ def markdown(rows: list[dict], meta: dict, descriptions: dict) -> str:
     return "\n".join(lines)
 
 
-def figures(rows: list[dict], snapshot: Path | None, out: Path) -> list[str]:
+def _relative(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def figures(rows: list[dict], snapshots: dict, out: Path) -> list[str]:
+    """λ-sweep plots (Dice vs % folding, one curve per method of ours, peers as points) and one
+    snapshot figure per saved snapshot (``snapshots``: method -> npz of :func:`save_snapshot`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,45 +476,54 @@ def figures(rows: list[dict], snapshot: Path | None, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in dict.fromkeys(r["pair"] for r in rows):
-        ours = sorted((r for r in rows if r["pair"] == name and r["method"] == "ours" and "dice_mean" in r), key=lambda r: r["lambda"])
-        if len(ours) < 2:
+        scored = [r for r in rows if r["pair"] == name and "dice_mean" in r]
+        curves = {m: sorted((r for r in scored if r["method"] == m and r.get("similarity", "mse") == "mse"), key=lambda r: r["lambda"])
+                  for m in ("ours", *NETWORK_METHODS)}
+        if max(len(c) for c in curves.values()) < 2:
             continue
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        ax.plot([r["folding_percent"] for r in ours], [r["dice_mean"] for r in ours], "o-", color="C0", label="ours (optimize), λ sweep")
-        for r in ours:
-            ax.annotate(f"λ={r['lambda']:g}", (r["folding_percent"], r["dice_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        for i, r in enumerate(r for r in rows if r["pair"] == name and r["method"] != "ours" and "dice_mean" in r):
-            ax.plot(r["folding_percent"], r["dice_mean"], "s^Dvp"[i % 5], color=f"C{i + 1}", ms=8, label=r["label"])
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        for i, (method, curve) in enumerate(curves.items()):
+            if not curve:
+                continue
+            xs, ys = [r["folding_percent"] for r in curve], [r["dice_mean"] for r in curve]
+            ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{METHOD_LABELS[method]}, λ sweep")
+            for r in curve:
+                ax.annotate(f"{r['lambda']:g}", (r["folding_percent"], r["dice_mean"]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7, color=f"C{i}")
+        for i, r in enumerate(r for r in scored if r["method"] in PEERS):
+            ax.plot(r["folding_percent"], r["dice_mean"], "s^Dvp"[i % 5], color=f"C{i + 3}", ms=8, label=f"{r['label']} ({r['runtime_s']:.0f} s)")
         ax.set_xscale("symlog", linthresh=1e-3)
         ax.set_xlabel("% voxels folding (det J ≤ 0), symlog")
         ax.set_ylabel("mean Dice")
-        ax.set_title(f"{name}: Dice vs folding")
+        ax.set_title(f"{name}: Dice vs folding over λ (labels: λ)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         path = out / f"lambda_sweep_{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        written.append(str(path.relative_to(ROOT)))
-    if snapshot is not None and snapshot.is_file():
+        written.append(_relative(path))
+    for method, snapshot in snapshots.items():
+        if not snapshot.is_file():
+            continue
         s = np.load(snapshot)
         sp = s["spacing"]  # (I, J, K) mm; a slice of array axis 0 shows (J, I)
         aspect = float(sp[1] / sp[0])
         panels = [("fixed", "gray", None), ("moving", "gray", None), ("warped", "gray", None),
-                  ("checkerboard", "gray", None), ("jacobian", "RdBu_r", (0.0, 2.0)), ("lambda_map", "viridis", (0.0, 1.0))]
+                  ("checkerboard", "gray", None), ("jacobian", "RdBu_r", (0.0, 2.0)), ("lambda_map", "viridis", None)]
         fig, axes = plt.subplots(2, 3, figsize=(11, 7.5))
         for ax, (key, cmap, lim) in zip(axes.ravel(), panels):
             img = ax.imshow(s[key], cmap=cmap, aspect=aspect, **({"vmin": lim[0], "vmax": lim[1]} if lim else {}))
-            ax.set_title({"jacobian": "Jacobian det", "lambda_map": "λ map (λ·λ(x))"}.get(key, key))
+            ax.set_title({"jacobian": "Jacobian determinant", "lambda_map": "regularization map λ·λ(x)"}.get(key, key))
             ax.axis("off")
-            if lim:
+            if key in ("jacobian", "lambda_map"):
                 fig.colorbar(img, ax=ax, fraction=0.046)
-        fig.suptitle(f"{SNAPSHOT_PAIR}, ours (optimize, mse, {s['label']}), middle slice")
+        fig.suptitle(f"{SNAPSHOT_PAIR}, {METHOD_LABELS[method]}, {s['label']}, middle slice")
         fig.tight_layout()
-        path = out / f"snapshot_{SNAPSHOT_PAIR}.png"
+        path = out / f"snapshot_{SNAPSHOT_PAIR}_{method.replace('+', '_')}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        written.append(str(path.relative_to(ROOT)))
+        written.append(_relative(path))
     return written
 
 
@@ -456,7 +541,7 @@ def versions() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"pairs {', '.join(QUICK_PAIRS)} and λ {QUICK_LAMBDAS} (about 15 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help=f"pairs {', '.join(QUICK_PAIRS)} and λ {QUICK_LAMBDAS} (≤ 10 min on 2 cores)")
     parser.add_argument("--pairs", help="comma-separated pair names (default: by mode)")
     parser.add_argument("--lambdas", help="comma-separated λ values of the sweep (default: by mode)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("LEARNEDREG_DATA", ROOT.parent / "shared" / "data")))
@@ -464,7 +549,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per method before it is recorded as failed")
     parser.add_argument("--skip", help="comma-separated methods to leave out (e.g. elastix)")
     parser.add_argument("--with-network", action="store_true", help="also the shipped network's rows (network, network+adapt)")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument("--output", type=Path, help="folder of the results (default: benchmarks/, quick mode benchmarks/quick/)")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one measurement in this process
     args = parser.parse_args()
 
@@ -477,11 +562,11 @@ def main() -> None:
             print(json.dumps(frame_check_peer(Path(spec["data"]), spec["frame_check"], args.threads)))
             return
         pair = load_pair(Path(spec["cache"]))
-        row = run_method(pair, spec["method"], spec.get("lambda"), spec.get("similarity"), args.threads, spec.get("snapshot"))
-        print(json.dumps(row))
+        print(json.dumps(run_method(pair, spec, args.threads)))
         return
 
     start = time.perf_counter()
+    args.output = args.output or (ROOT / "benchmarks" / ("quick" if args.quick else ""))
     pairs = args.pairs.split(",") if args.pairs else list(QUICK_PAIRS if args.quick else FULL_PAIRS)
     lambdas = tuple(float(v) for v in args.lambdas.split(",")) if args.lambdas else (QUICK_LAMBDAS if args.quick else FULL_LAMBDAS)
     print("frame check ...", file=sys.stderr)
@@ -499,27 +584,28 @@ def main() -> None:
             flags[name] = {"multimodal": pair["multimodal"], "prealigned": pair["prealigned"]}
             descriptions[name] = pair["description"]
             del pair
-        snapshot = None
-        for job in plan(pairs, lambdas, args.with_network, flags):
+        snapshots = {}
+        for job in plan(pairs, lambdas, args.with_network, flags, args.quick):
             if job["method"] in skip:
                 continue
+            base = {k: v for k, v in job.items() if k not in ("snapshot", "lambdas")}
             if job["method"] in untrusted:
-                rows.append({**job, "label": METHOD_LABELS[job["method"]], "error": f"excluded, frame check failed ({untrusted[job['method']]})"})
+                rows.append({**base, "label": METHOD_LABELS[job["method"]], "error": f"excluded, frame check failed ({untrusted[job['method']]})"})
                 continue
             spec = dict(job, cache=str(cache[job["pair"]]))
             if job.get("snapshot"):
-                snapshot = tmp / "snapshot.npz"
-                spec["snapshot"] = str(snapshot)
-            row = in_subprocess(spec, args.threads, args.timeout)
-            row = {**{k: v for k, v in job.items() if k != "snapshot"}, "label": METHOD_LABELS[job["method"]], **row}
-            rows.append(row)
-            summary = row.get("error") or ", ".join(f"{k} {row[k]:.3f}" for k in ("runtime_s", "dice_mean", "displacement_error_mean_mm") if k in row)
-            print(f"{job['pair']} {row['label']}: {summary}", file=sys.stderr)
+                spec["snapshot"] = str(tmp / f"snapshot_{job['method']}.npz")
+                snapshots[job["method"]] = Path(spec["snapshot"])
+            result = in_subprocess(spec, args.threads, args.timeout)
+            for row in result if isinstance(result, list) else [{**base, "label": METHOD_LABELS[job["method"]], **result}]:
+                rows.append(row)
+                summary = row.get("error") or ", ".join(f"{k} {row[k]:.3f}" for k in ("runtime_s", "dice_mean", "displacement_error_mean_mm") if k in row)
+                print(f"{job['pair']} {row['label']}: {summary}", file=sys.stderr)
         for r in rows:
             if r["method"] in ("ours", *NETWORK_METHODS) and "error" not in r:
                 r["comparisons"] = [ratios(r, p) for p in rows
                                     if p["pair"] == r["pair"] and p["method"] in PEERS[1:] and "error" not in p]
-        fig_paths = figures(rows, snapshot, args.output / "figures")
+        fig_paths = figures(rows, snapshots, args.output / "figures")
 
     import torch
 
