@@ -176,7 +176,15 @@ def load_pair(path: Path) -> dict:
 
 
 # ===================================================================================== scoring
-def score(pair: dict, displacement_ras: np.ndarray) -> dict:
+def score(pair: dict, displacement_ras: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Learn2Reg metrics of one result: ``(metrics, jacobian)``.
+
+    ``displacement_ras``: (Z, Y, X, 3) RAS mm resampling displacement on the pair's fixed grid.
+    ``metrics``: % folding and SDlogJ of the (Z, Y, X) Jacobian determinant ``jacobian``; with
+    labels, mean Dice, DSC30, mean HD95 (mm, finite labels) and Dice per label (moving labels
+    warped nearest-neighbour); with a known field, the displacement error (mm, mean and 95th
+    percentile inside the fixed foreground mask).
+    """
     from LearnedRegistrationLib.demo import displacement_error
     from LearnedRegistrationLib.metrics import dice_per_label, folding_percent, hd95_mm, jacobian_map, sdlogj
     from LearnedRegistrationLib.transforms import resample_image
@@ -338,7 +346,9 @@ def frame_check(data: Path, threads: int, peers=("demons", "ants", "elastix"), t
 
 
 # ===================================================================================== driver
-def in_subprocess(spec: dict, threads: int, timeout: float) -> dict:
+def in_subprocess(spec: dict, threads: int, timeout: float) -> list[dict] | dict:
+    """Run ``spec`` in ``--single`` mode in a fresh process: its rows (a list; a frame check gives
+    one dict), or ``{"error": ...}`` when it times out, crashes or exits non-zero."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
     try:
@@ -447,10 +457,12 @@ def markdown(rows: list[dict], meta: dict, descriptions: dict) -> str:
                 f"{fmt(r.get('dice_mean'))} | {fmt(r.get('dsc30'))} | {fmt(r.get('hd95_mean_mm'), '.2f')} | "
                 f"{fmt(r['folding_percent'], '.4f')} | {fmt(r['sdlogj'])} | {fmt(r.get('displacement_error_mean_mm'), '.2f')} | "
                 f"{fmt(r.get('displacement_error_p95_mm'), '.2f')} |")
-        changes = [r["lambda_change_s"] for r in rows if r["pair"] == name and "lambda_change_s" in r]
-        if changes:
-            lines += ["", f"Network rows: time to the first result at that λ (affine, network{', adaptation' if any(r['method'] == 'network+adapt' and 'lambda_change_s' in r for r in rows if r['pair'] == name) else ''} "
-                      f"and one prediction); a later λ change (the slider) took {min(changes):.2f}–{max(changes):.2f} s."]
+        network = [r for r in rows if r["pair"] == name and "lambda_change_s" in r]
+        if network:
+            stages = "affine, network, adaptation" if any(r["method"] == "network+adapt" for r in network) else "affine, network"
+            changes = [r["lambda_change_s"] for r in network]
+            lines += ["", f"Network rows: time to the first result at that λ ({stages} and one prediction); "
+                      f"a later λ change (the slider) took {min(changes):.2f}–{max(changes):.2f} s."]
         target = verdict(rows, name) if name in SWEEP_PAIRS else []
         if target:
             lines += ["", "Target (ours at the default λ: at least the best peer's Dice at ≤ 0.1× ANTs SyN's time):", "", *target]
@@ -578,13 +590,7 @@ def main() -> None:
     args.output = args.output or (ROOT / "benchmarks" / ("quick" if args.quick else ""))
     pairs = args.pairs.split(",") if args.pairs else list(QUICK_PAIRS if args.quick else FULL_PAIRS)
     lambdas = tuple(float(v) for v in args.lambdas.split(",")) if args.lambdas else (QUICK_LAMBDAS if args.quick else FULL_LAMBDAS)
-    print("frame check ...", file=sys.stderr)
     skip = set(args.skip.split(",")) if args.skip else set()
-    if args.quick:
-        skip |= set(QUICK_SKIP)
-    check = frame_check(args.data, args.threads, [p for p in PEERS[1:] if p not in skip])
-    # a peer whose field does not recover the known translation is not trusted: no rows for it
-    untrusted = {name: res.get("error", "wrong sign/frame") for name, res in check["peers"].items() if not res["ok"]}
     rows, descriptions = [], {}
     with tempfile.TemporaryDirectory(prefix="lr-bench-") as tmp:
         tmp = Path(tmp)
@@ -595,10 +601,13 @@ def main() -> None:
             flags[name] = {"multimodal": pair["multimodal"], "prealigned": pair["prealigned"]}
             descriptions[name] = pair["description"]
             del pair
+        jobs = [job for job in plan(pairs, lambdas, args.with_network, flags, args.quick) if job["method"] not in skip]
+        print("frame check ...", file=sys.stderr)
+        check = frame_check(args.data, args.threads, [p for p in PEERS[1:] if any(job["method"] == p for job in jobs)])
+        # a peer whose field does not recover the known translation is not trusted: no rows for it
+        untrusted = {name: res.get("error", "wrong sign/frame") for name, res in check["peers"].items() if not res["ok"]}
         snapshots = {}
-        for job in plan(pairs, lambdas, args.with_network, flags, args.quick):
-            if job["method"] in skip:
-                continue
+        for job in jobs:
             base = {k: v for k, v in job.items() if k not in ("snapshot", "lambdas")}
             if job["method"] in untrusted:
                 rows.append({**base, "label": METHOD_LABELS[job["method"]], "error": f"excluded, frame check failed ({untrusted[job['method']]})"})
