@@ -2,8 +2,8 @@
 
 Slicer module layer: the module description, the parameter node, the Qt panel (the only place Qt is
 used), the Slicer logic and the self-test. The registration itself lives in
-``LearnedRegistrationLib.logic`` (no Qt; also used headless and from the command line) and the
-engine in the other ``LearnedRegistrationLib`` modules (torch/numpy only).
+``LearnedRegistrationLib.bridge.logic`` (no Qt; also used headless and from the command line), the
+engine in ``LearnedRegistrationLib.engine`` and the network in ``LearnedRegistrationLib.learned``.
 """
 
 import enum
@@ -40,15 +40,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-# logic.py imports torch only inside its methods, so this import works without torch and the
-# module can load and offer to install PyTorch.
-from LearnedRegistrationLib import logic as registrationLogic
-from LearnedRegistrationLib.tasks import BackgroundTask, LatestRequestDebouncer, TaskState, scaled_progress
-
-#: Default λ of the parameter node; the same value as ``LearnedRegistrationLib.optimize.DEFAULT_LAMBDA``
-#: (not imported from there because that module needs torch).
-DEFAULT_REGULARIZATION_WEIGHT = 0.25
-
+# The bridge and these engine modules import torch only inside the functions that compute, so the
+# module loads without torch and can offer to install PyTorch.
+from LearnedRegistrationLib.bridge import logic as registrationLogic
+from LearnedRegistrationLib.bridge.tasks import BackgroundTask, LatestRequestDebouncer, TaskState, scaled_progress
+from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA, RegistrationCancelled
+from LearnedRegistrationLib.engine.metric_table import EVALUATION_KEYS, SWEEP_KEYS, metric
 
 #
 # LearnedRegistration
@@ -141,7 +138,7 @@ class RegistrationMethod(enum.Enum):
     """How the deformation is computed.
 
     ``OPTIMIZE`` fits a stationary velocity field to the image pair (instance optimization); a λ
-    change re-runs it. ``NETWORK`` is the shipped λ-conditioned network (Resources/Models) and
+    change re-runs it. ``NETWORK`` is the shipped λ-conditioned network (``LearnedRegistrationLib.learned``) and
     ``NETWORK_ADAPT`` the same after a few test-time adaptation steps on the pair; with them a λ
     change only re-runs the network's decoder (:attr:`updatesInstantly`), in a fraction of a second.
     The values are the logic's method names.
@@ -273,7 +270,7 @@ class LearnedRegistrationParameterNode:
 
     method: RegistrationMethod = RegistrationMethod.OPTIMIZE
     similarity: Similarity = Similarity.MSE
-    regularizationWeight: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_REGULARIZATION_WEIGHT
+    regularizationWeight: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_LAMBDA
     liveUpdate: bool = True
     spatiallyVarying: bool = False
     inputLambdaMap: vtkMRMLScalarVolumeNode
@@ -318,35 +315,10 @@ DISPLAYED_OUTPUT_FIELDS = {
     DisplayedOutput.LAMBDA_MAP: ("lambdaMapVolume", 0.6),
 }
 
-#: Rows of the Evaluation table: (metrics key, label, format).
-METRIC_ROWS = (
-    ("dice_mean", _("Dice (mean)"), "{:.3f}"),
-    ("dice_mean_initial", _("Dice before registration"), "{:.3f}"),
-    ("hd95_mean_mm", _("HD95 (mm)"), "{:.2f}"),
-    ("tre_mean_mm", _("TRE (mm)"), "{:.2f}"),
-    ("tre_initial_mean_mm", _("TRE before registration (mm)"), "{:.2f}"),
-    ("folding_percent", _("Folding (% voxels, J ≤ 0)"), "{:.3f}"),
-    ("sdlogj", _("SDlogJ"), "{:.4f}"),
-    ("lambda", _("λ"), "{:.2f}"),
-    ("runtime_s", _("Runtime (s)"), "{:.1f}"),
-    ("device", _("Device"), "{}"),
-)
-
-#: Columns of the λ sweep table: (metrics key, column name, unit).
-SWEEP_COLUMNS = (
-    ("lambda", "lambda", ""),
-    ("dice_mean", "dice_mean", ""),
-    ("hd95_mean_mm", "hd95_mean_mm", "mm"),
-    ("tre_mean_mm", "tre_mean_mm", "mm"),
-    ("folding_percent", "folding_percent", "%"),
-    ("sdlogj", "sdlogj", ""),
-    ("runtime_s", "runtime_s", "s"),
-)
-
-#: Series of the λ sweep plot: (column, legend, colour).
+#: Series of the λ sweep plot: (column = metrics key, colour); the legend is the metric's label.
 SWEEP_SERIES = (
-    ("dice_mean", "Dice", (0.20, 0.55, 0.90)),
-    ("folding_percent", "% folding", (0.90, 0.40, 0.10)),
+    ("dice_mean", (0.20, 0.55, 0.90)),
+    ("folding_percent", (0.90, 0.40, 0.10)),
 )
 
 
@@ -385,7 +357,7 @@ class LearnedRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     The panel reads and writes the parameter node (widgets are bound through the .ui's
     ``SlicerParameterName`` properties) and never computes: a registration is prepared on the GUI
-    thread, computed in a worker thread (:class:`~LearnedRegistrationLib.tasks.BackgroundTask`)
+    thread, computed in a worker thread (:class:`~LearnedRegistrationLib.bridge.tasks.BackgroundTask`)
     that a ``qt.QTimer`` polls, and written into the scene on the GUI thread only when it
     succeeded, so Cancel leaves the scene as it was.
     """
@@ -733,15 +705,11 @@ class LearnedRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def _updateMetricsTable(self, metrics: dict) -> None:
         table = self.ui.metricsTableWidget
-        table.setRowCount(len(METRIC_ROWS))
-        for row, (key, label, valueFormat) in enumerate(METRIC_ROWS):
-            value = metrics.get(key)
-            if value is None or (isinstance(value, float) and not math.isfinite(value)):
-                text = "—"
-            else:
-                text = valueFormat.format(value)
-            table.setItem(row, 0, qt.QTableWidgetItem(label))
-            table.setItem(row, 1, qt.QTableWidgetItem(text))
+        table.setRowCount(len(EVALUATION_KEYS))
+        for row, key in enumerate(EVALUATION_KEYS):
+            info = metric(key)
+            table.setItem(row, 0, qt.QTableWidgetItem(_(info.header)))
+            table.setItem(row, 1, qt.QTableWidgetItem(info.text(metrics.get(key))))
 
 
 #
@@ -749,8 +717,9 @@ class LearnedRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 #
 
 
-class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.LearnedRegistrationLogic):
-    """The registration logic (``LearnedRegistrationLib.logic``) plus the module's parameter node.
+class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.RegistrationLogic):
+    """The registration logic (``LearnedRegistrationLib.bridge.logic.RegistrationLogic``) plus the module's
+    parameter node, the slice views and the λ-sweep table.
 
     Usable from the Python console without the panel::
 
@@ -764,7 +733,7 @@ class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.Le
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        registrationLogic.LearnedRegistrationLogic.__init__(self)
+        registrationLogic.RegistrationLogic.__init__(self)
         self._parameterNodeWrapper = None
 
     def getParameterNode(self) -> LearnedRegistrationParameterNode:
@@ -841,9 +810,7 @@ class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.Le
 
     @staticmethod
     def cancelledExceptionTypes() -> tuple:
-        """Exception types that mean "stopped because cancel was requested" (needs torch)."""
-        from LearnedRegistrationLib.optimize import RegistrationCancelled
-
+        """Exception types that mean "stopped because cancel was requested"."""
         return (RegistrationCancelled,)
 
     # --- views ---------------------------------------------------------------------------------
@@ -875,9 +842,9 @@ class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.Le
     def sweepRow(metrics: dict) -> dict:
         """One row of the sweep table from a run's metrics (NaN where a metric is not available)."""
         row = {}
-        for key, column, _unit in SWEEP_COLUMNS:
+        for key in SWEEP_KEYS:
             value = metrics.get(key)
-            row[column] = float(value) if isinstance(value, (int, float)) else float("nan")
+            row[key] = float(value) if isinstance(value, (int, float)) else float("nan")
         return row
 
     @staticmethod
@@ -887,15 +854,15 @@ class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.Le
             tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "λ sweep")
         with slicer.util.NodeModify(tableNode):
             tableNode.RemoveAllColumns()
-            for _key, column, unit in SWEEP_COLUMNS:
+            for key in SWEEP_KEYS:
                 array = vtk.vtkDoubleArray()
-                array.SetName(column)
+                array.SetName(key)
                 array.SetNumberOfTuples(len(rows))
                 for index, row in enumerate(rows):
-                    array.SetValue(index, row[column])
+                    array.SetValue(index, row[key])
                 tableNode.AddColumn(array)
-                if unit:
-                    tableNode.SetColumnUnitLabel(column, unit)
+                if metric(key).unit:
+                    tableNode.SetColumnUnitLabel(key, metric(key).unit)
         return tableNode
 
     @staticmethod
@@ -909,10 +876,10 @@ class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.Le
             seriesNode = chartNode.GetNthPlotSeriesNode(index)
             if seriesNode is not None:
                 existing[seriesNode.GetYColumnName()] = seriesNode
-        for column, legend, color in SWEEP_SERIES:
+        for column, color in SWEEP_SERIES:
             seriesNode = existing.get(column)
             if seriesNode is None:
-                seriesNode = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", legend)
+                seriesNode = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", metric(column).header)
                 chartNode.AddAndObservePlotSeriesNodeID(seriesNode.GetID())
             seriesNode.SetAndObserveTableNodeID(tableNode.GetID())
             seriesNode.SetXColumnName("lambda")

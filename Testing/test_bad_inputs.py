@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LearnedRegistrationLib import mrml
-from LearnedRegistrationLib.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main
-from LearnedRegistrationLib.grid import ImageGrid
-from LearnedRegistrationLib.logic import LearnedRegistrationLogic
-from LearnedRegistrationLib.optimize import RegistrationCancelled
+from LearnedRegistrationLib.app.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main
+from LearnedRegistrationLib.bridge import mrml
+from LearnedRegistrationLib.bridge.logic import RegistrationLogic
+from LearnedRegistrationLib.engine.common import RegistrationCancelled
+from LearnedRegistrationLib.engine.grid import ImageGrid
 
 FAST = ["--iteration-scale", "0.05", "--quiet"]
 
@@ -115,7 +115,7 @@ def test_unwritable_output_folder_is_refused_before_computing(tmp_path, good_pai
     else:
         output = Path("/proc/learnedreg-test-output")
     computed = []
-    monkeypatch.setattr(LearnedRegistrationLogic, "computeRegistration", lambda *a, **k: computed.append(1))
+    monkeypatch.setattr(RegistrationLogic, "computeRegistration", lambda *a, **k: computed.append(1))
     status = main(["register", "--fixed", str(good_pair[0]), "--moving", str(good_pair[1]), "--output-dir", str(output), *FAST])
     captured = capsys.readouterr()
     assert status == EXIT_USER_ERROR
@@ -152,7 +152,7 @@ def test_ctrl_c_leaves_nothing_written(tmp_path, good_pair, capsys, monkeypatch)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(LearnedRegistrationLogic, "writeOutputs", interrupted)
+    monkeypatch.setattr(RegistrationLogic, "writeOutputs", interrupted)
     output = tmp_path / "out"
     status = main(["register", "--fixed", str(good_pair[0]), "--moving", str(good_pair[1]), "--output-dir", str(output), *FAST])
     assert status == EXIT_INTERRUPTED
@@ -176,7 +176,7 @@ def add_pair(scene):
 def test_cancel_during_optimization_leaves_the_scene_unchanged(slicer_app):
     scene = slicer_app.scene
     fixed, moving, _ = add_pair(scene)
-    logic = LearnedRegistrationLogic()
+    logic = RegistrationLogic()
     first = logic.register(fixed, moving, iterationScale=0.05)  # outputs to be updated in place
     warped_before = mrml.arrayFromVolumeNode(first.warpedVolumeNode)[0]
     state = scene_state(scene)
@@ -200,7 +200,7 @@ def test_cancel_during_optimization_leaves_the_scene_unchanged(slicer_app):
 def test_logic_reports_missing_nodes_and_mismatched_labels(slicer_app):
     scene = slicer_app.scene
     fixed, moving, grid = add_pair(scene)
-    logic = LearnedRegistrationLogic()
+    logic = RegistrationLogic()
     state = scene_state(scene)
     with pytest.raises(ValueError, match="fixed volume"):
         logic.prepareRegistration(None, moving)

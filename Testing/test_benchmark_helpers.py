@@ -17,24 +17,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_helpers  # noqa: E402
 from bench_helpers import deform, dsc30, lps_field_to_ras, points_to_displacement, ratios, synthetic_deformation  # noqa: E402
-from LearnedRegistrationLib.grid import ImageGrid  # noqa: E402
-from LearnedRegistrationLib.imageio import grid_from_sitk, sitk_image  # noqa: E402
-from LearnedRegistrationLib.transforms import resample_image  # noqa: E402
+from LearnedRegistrationLib.engine.grid import ImageGrid  # noqa: E402
+from LearnedRegistrationLib.engine.imageio import grid_from_sitk, sitk_image  # noqa: E402
+from LearnedRegistrationLib.engine.transforms import resample_image  # noqa: E402
+
+from conftest import blobs, oblique_grid, rotation_about  # noqa: E402
 
 
 def _oblique_grid(shape=(20, 22, 24), spacing=(1.5, 2.0, 2.5)) -> ImageGrid:
     # LIA-like orientation with a small rotation, so every LPS/RAS sign matters
-    c, s = np.cos(0.2), np.sin(0.2)
-    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     lia = np.array([[-1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
-    return ImageGrid(shape, spacing, np.array([10.0, -20.0, 30.0]), rot @ lia)
-
-
-def _blob(grid: ImageGrid) -> np.ndarray:
-    p = grid.world_points() - grid.center_ras
-    return np.exp(-(p**2).sum(-1) / (2 * 9.0**2)).astype(np.float32) + 0.5 * np.exp(
-        -((p - [5.0, 3.0, -4.0]) ** 2).sum(-1) / (2 * 4.0**2)
-    ).astype(np.float32)
+    return oblique_grid(shape, spacing, origin=(10.0, -20.0, 30.0), direction=rotation_about([0, 0, 1], np.rad2deg(0.2)) @ lia)
 
 
 def test_dsc30_is_the_mean_of_the_worst_30_percent():
@@ -47,7 +40,7 @@ def test_dsc30_is_the_mean_of_the_worst_30_percent():
 def test_itk_translation_field_converted_to_ras_matches_itk_resampling():
     """A peer's LPS field (here SimpleITK's, same as ANTs/elastix) on a known translation."""
     grid = _oblique_grid()
-    image = _blob(grid)
+    image = blobs(grid)
     reference = sitk_image(image, grid)
     t_lps = (3.0, -2.0, 4.0)
     transform = sitk.TranslationTransform(3, t_lps)  # resampling transform: x -> x + t (LPS)
@@ -74,7 +67,7 @@ def test_points_to_displacement_is_mapped_minus_grid_points():
 
 def test_synthetic_deformation_is_undone_by_its_true_displacement():
     grid = _oblique_grid((24, 24, 24), (2.0, 2.0, 2.0))
-    image = _blob(grid)
+    image = blobs(grid)
     u, true_d = synthetic_deformation(grid, seed=0, max_displacement_mm=4.0, control_spacing_mm=20.0)
     moving = deform(image, grid, u)
     inner = (slice(4, -4),) * 3
@@ -113,7 +106,7 @@ def test_plan_and_network_rows():
     with_network = benchmark.plan(["oasis_l2r_to_vxm"], (0.25,), True, flags)
     assert {"network", "network+adapt"} <= {j["method"] for j in with_network}
     # The network rows run the shipped model through the logic's path (small pair: plumbing only).
-    from LearnedRegistrationLib.grid import ImageGrid
+    from LearnedRegistrationLib.engine.grid import ImageGrid
 
     grid = ImageGrid((20, 22, 18), (2.0, 2.0, 2.0), np.array([-18.0, -21.0, -19.0]), np.eye(3))
     p = grid.world_points()

@@ -18,12 +18,14 @@ import vtk
 from vtk.util import numpy_support
 
 import slicer
-from LearnedRegistrationLib import mrml
-from LearnedRegistrationLib.cli import OUTPUT_FILES, main
-from LearnedRegistrationLib.demo import displacement_error, make_demo_pair
-from LearnedRegistrationLib.grid import ImageGrid
-from LearnedRegistrationLib.headless import HeadlessSlicer
-from LearnedRegistrationLib.transforms import resample_image
+
+from LearnedRegistrationLib.app.cli import OUTPUT_FILES, main
+from LearnedRegistrationLib.app.demo import make_demo_pair
+from LearnedRegistrationLib.app.headless import HeadlessSlicer
+from LearnedRegistrationLib.bridge import mrml
+from LearnedRegistrationLib.engine.grid import ImageGrid
+from LearnedRegistrationLib.engine.metrics import displacement_error
+from LearnedRegistrationLib.engine.transforms import resample_image
 
 FAST = ["--iteration-scale", "0.05", "--quiet"]
 EXPECTED_FILES = {
@@ -57,7 +59,7 @@ def tumor_run(tmp_path_factory, data_file):
     moving = data_file("mrbraintumor_5mm/MRBrainTumor2.nii.gz")
     output = tmp_path_factory.mktemp("tumor") / "result"
     executable = Path(sys.executable).with_name("learnedreg")
-    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "LearnedRegistrationLib.cli"]
+    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "LearnedRegistrationLib.app.cli"]
     completed = subprocess.run(
         [*command, "register", "--fixed", str(fixed), "--moving", str(moving), "--output-dir", str(output),
          "--lambda", "0.3", *FAST],

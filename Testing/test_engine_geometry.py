@@ -5,14 +5,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from LearnedRegistrationLib.grid import LPS_TO_RAS, ImageGrid
-from LearnedRegistrationLib.imageio import grid_from_sitk, sitk_image
-from LearnedRegistrationLib.metrics import jacobian_map
-from LearnedRegistrationLib.transforms import (
+from LearnedRegistrationLib.engine.grid import LPS_TO_RAS, ImageGrid
+from LearnedRegistrationLib.engine.imageio import grid_from_sitk, sitk_image
+from LearnedRegistrationLib.engine.metrics import jacobian_map
+from LearnedRegistrationLib.engine.transforms import (
     AxisAlignedResampler,
     compose,
-    grid_sample,
     displacement_to_ras,
+    grid_sample,
     integrate_svf,
     mm_to_normalized,
     normalized_to_mm,
@@ -21,16 +21,11 @@ from LearnedRegistrationLib.transforms import (
     warp,
 )
 
-
-def rotation_about(axis, degrees):
-    axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    t = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+from conftest import oblique_grid, rotation_about
 
 
-def oblique_grid(shape=(18, 20, 22), spacing=(1.5, 1.2, 2.0)):
-    return ImageGrid(shape, spacing, np.array([-12.0, 7.5, 3.0]), rotation_about([1, 2, 3], 25))
+def geometry_grid(shape=(18, 20, 22), spacing=(1.5, 1.2, 2.0)):
+    return oblique_grid(shape, spacing, origin=(-12.0, 7.5, 3.0), direction=rotation_about([1, 2, 3], 25))
 
 
 def smooth_image(shape, seed=0):
@@ -51,7 +46,7 @@ def strictly_inside(points_ras, grid):
 
 
 def test_grid_matches_simpleitk_index_to_point():
-    grid = oblique_grid()
+    grid = geometry_grid()
     image = sitk_image(np.zeros(grid.shape, np.float32), grid)
     for ijk in [(0, 0, 0), (3, 5, 7), (21, 19, 17)]:
         lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
@@ -68,7 +63,7 @@ def test_grid_rejects_2d_and_bad_direction():
 
 
 def test_resized_grid_keeps_corner_voxel_centres():
-    grid = oblique_grid()
+    grid = geometry_grid()
     small = grid.resized((7, 9, 11))
     far = np.array([*(np.asarray(grid.size_ijk) - 1), 1.0])
     far_small = np.array([*(np.asarray(small.size_ijk) - 1), 1.0])
@@ -79,7 +74,7 @@ def test_resized_grid_keeps_corner_voxel_centres():
 @pytest.mark.parametrize("degrees", [0.0, 12.0])
 def test_affine_resampling_matches_simpleitk(degrees):
     """Translation and rotation, oblique grids of different size/spacing: max error < 1e-4 of the range."""
-    moving_grid = oblique_grid()
+    moving_grid = geometry_grid()
     fixed_grid = ImageGrid((16, 17, 19), (1.3, 1.4, 1.7), np.array([-10.0, 9.0, 5.0]), rotation_about([0, 1, 1], -10))
     moving = smooth_image(moving_grid.shape)
     affine = np.eye(4)
@@ -167,7 +162,7 @@ def test_jacobian_of_affine_is_its_determinant():
 
 
 def test_normalized_mm_conversion_round_trip():
-    grid = oblique_grid()
+    grid = geometry_grid()
     field = torch.randn(1, 3, *grid.shape)
     torch.testing.assert_close(mm_to_normalized(normalized_to_mm(field, grid), grid), field)
     # one voxel along I in normalized units is spacing_I mm
@@ -177,7 +172,7 @@ def test_normalized_mm_conversion_round_trip():
 
 
 def test_displacement_to_ras_of_normalized_translation():
-    grid = oblique_grid()
+    grid = geometry_grid()
     disp = torch.zeros(1, 3, *grid.shape)
     disp[:, 1] = 2.0 / (grid.size_ijk[1] - 1)  # one voxel along J
     d = displacement_to_ras(disp, grid)
@@ -205,4 +200,4 @@ def test_axis_aligned_resampler_equals_grid_sample_on_permuted_flipped_anisotrop
 
 def test_axis_aligned_resampler_refuses_oblique_grids():
     source = ImageGrid((9, 7, 6), (3.0, 2.5, 4.0), np.zeros(3), np.eye(3))
-    assert AxisAlignedResampler.between(oblique_grid(), source) is None
+    assert AxisAlignedResampler.between(geometry_grid(), source) is None

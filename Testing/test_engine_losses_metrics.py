@@ -4,19 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from LearnedRegistrationLib import regularization as reg
-from LearnedRegistrationLib import similarity as sim
-from LearnedRegistrationLib.filters import box_mean
-from LearnedRegistrationLib.grid import ImageGrid
-from LearnedRegistrationLib.metrics import (
-    dice_mean,
-    dice_per_label,
-    folding_percent,
-    hd95_mm,
-    sdlogj,
-    tre_mm,
-)
-from LearnedRegistrationLib.visualization import checkerboard, difference
+from LearnedRegistrationLib.engine import regularization as reg
+from LearnedRegistrationLib.engine import similarity as sim
+from LearnedRegistrationLib.engine.filters import box_mean
+from LearnedRegistrationLib.engine.grid import ImageGrid
+from LearnedRegistrationLib.engine.metrics import dice_mean, dice_per_label, folding_percent, hd95_mm, sdlogj, tre_mm
+from LearnedRegistrationLib.engine.visualization import checkerboard, difference
 
 
 def pair(shape=(5, 6, 7), seed=0):

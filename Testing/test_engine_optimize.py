@@ -3,16 +3,12 @@
 import numpy as np
 import pytest
 
-from LearnedRegistrationLib.demo import displacement_error, make_demo_pair
-from LearnedRegistrationLib.grid import ImageGrid
-from LearnedRegistrationLib.metrics import dice_mean, folding_percent, sdlogj
-from LearnedRegistrationLib.optimize import (
-    RegistrationCancelled,
-    RegistrationOptions,
-    choose_device,
-    register_images,
-)
-from LearnedRegistrationLib.transforms import resample_image
+from LearnedRegistrationLib.app.demo import make_demo_pair
+from LearnedRegistrationLib.engine.common import RegistrationCancelled, RegistrationOptions, choose_device
+from LearnedRegistrationLib.engine.grid import ImageGrid
+from LearnedRegistrationLib.engine.metrics import dice_mean, displacement_error, folding_percent, sdlogj
+from LearnedRegistrationLib.engine.optimize import register_images
+from LearnedRegistrationLib.engine.transforms import resample_image
 
 QUICK = dict(
     affine_spacings_mm=(6.0,),

@@ -8,33 +8,27 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-from vtk.util import numpy_support
 import pytest
 import SimpleITK as sitk
 import vtk
+from vtk.util import numpy_support
 
 import slicer
-from LearnedRegistrationLib import mrml
-from LearnedRegistrationLib.grid import ImageGrid
-from LearnedRegistrationLib.logic import (
+
+from LearnedRegistrationLib.bridge import mrml
+from LearnedRegistrationLib.bridge.logic import (
     ComputedRegistration,
-    LearnedRegistrationLogic,
+    RegistrationLogic,
     RegistrationOutputNodes,
     RegistrationRequest,
 )
-from LearnedRegistrationLib.metrics import interpolate_displacement
-from LearnedRegistrationLib.transforms import resample_image
+from LearnedRegistrationLib.engine.grid import ImageGrid
+from LearnedRegistrationLib.engine.metrics import interpolate_displacement
+from LearnedRegistrationLib.engine.transforms import resample_image
+
+from conftest import oblique_grid
 
 TOLERANCE_MM = 1e-4  # float32 storage of mm values of order 100
-
-
-def oblique_grid(shape=(12, 14, 16), spacing=(0.9, 1.7, 2.6), seed=3) -> ImageGrid:
-    """An anisotropic grid with a random proper rotation as direction and an off-centre origin."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    if np.linalg.det(q) < 0:
-        q[:, 0] *= -1
-    return ImageGrid(shape, spacing, np.array([12.5, -30.25, 41.0]), q)
 
 
 def smooth_field(grid: ImageGrid, amplitude=2.0) -> np.ndarray:
@@ -258,7 +252,7 @@ def test_mrb_round_trip_keeps_every_node(slicer_app, tmp_path):
     markups.AddControlPoint(vtk.vtkVector3d(1.0, 2.0, 3.0))
     path = slicer_app.saveScene(tmp_path / "scene.mrb")
 
-    from LearnedRegistrationLib.headless import HeadlessSlicer
+    from LearnedRegistrationLib.app.headless import HeadlessSlicer
 
     with HeadlessSlicer(tmp_path / "cache2") as other:
         other.loadScene(path)
@@ -318,7 +312,7 @@ def vector_voxels(node) -> np.ndarray:
 def test_write_outputs_creates_every_node_then_updates_in_place(slicer_app):
     scene = slicer_app.scene
     grid = oblique_grid()
-    logic = LearnedRegistrationLogic()
+    logic = RegistrationLogic()
     request = fake_request(scene, grid)
     first = logic.writeOutputs(request, fake_computation(grid, 0.0))
     attributes = [
@@ -358,7 +352,7 @@ def test_write_outputs_creates_every_node_then_updates_in_place(slicer_app):
 def test_write_outputs_is_all_or_nothing(slicer_app, monkeypatch):
     scene = slicer_app.scene
     grid = oblique_grid()
-    logic = LearnedRegistrationLogic()
+    logic = RegistrationLogic()
     request = fake_request(scene, grid)
     first = logic.writeOutputs(request, fake_computation(grid, 0.0))
     first.warpedLabelNode = None  # asked to create a new one in the next call
@@ -390,7 +384,7 @@ def test_write_outputs_rejects_an_output_node_of_the_wrong_class(slicer_app):
     )
     ids_before = scene_node_ids(scene)
     with pytest.raises(ValueError, match="warpedVolumeNode"):
-        LearnedRegistrationLogic().writeOutputs(
+        RegistrationLogic().writeOutputs(
             fake_request(scene, grid), fake_computation(grid), RegistrationOutputNodes(warpedVolumeNode=label_node)
         )
     assert scene_node_ids(scene) == ids_before

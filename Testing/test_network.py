@@ -5,14 +5,15 @@ import math
 import pytest
 import torch
 
-from LearnedRegistrationLib.checkpoint import (
+from LearnedRegistrationLib.engine.grid import mm_per_normalized_unit
+from LearnedRegistrationLib.learned.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     CheckpointNotFoundError,
     load_checkpoint,
     save_checkpoint,
 )
-from LearnedRegistrationLib.network import (
+from LearnedRegistrationLib.learned.network import (
     ConditionalInstanceNorm,
     NetworkConfig,
     RegistrationNetwork,
@@ -21,29 +22,22 @@ from LearnedRegistrationLib.network import (
     padded_shape,
     rescale_normalized_field,
 )
-from LearnedRegistrationLib.synthesis import (
-    SynthesisConfig,
-    one_hot,
-    random_affine,
-    synthesize_pair,
+from LearnedRegistrationLib.training.objective import (
+    LossConfig,
+    registration_loss,
+    sample_lambda,
+    soft_dice,
+    train_step,
 )
-from LearnedRegistrationLib.training import LossConfig, registration_loss, sample_lambda, soft_dice, train_step
+from LearnedRegistrationLib.training.synthesis import SynthesisConfig, one_hot, random_affine, synthesize_pair
+
+from conftest import random_network
 
 TINY = NetworkConfig(encoder_features=(4, 8, 8), decoder_features=(8, 4), head_features=4, condition_features=8, integration_steps=4, output_level=0)
 
 
-def tiny_network(seed=0, randomize_conditioning=True) -> RegistrationNetwork:
-    """A tiny network; the zero-initialized FiLM layers and heads get random weights so λ matters."""
-    torch.manual_seed(seed)
-    net = RegistrationNetwork(TINY)
-    if randomize_conditioning:
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                if "film" in name:
-                    p.normal_(0.0, 0.3)
-                elif "velocity_head.weight" in name or "weight_head.weight" in name:
-                    p.normal_(0.0, 0.05)
-    return net
+def tiny_network(seed=0) -> RegistrationNetwork:
+    return random_network(TINY, seed)
 
 
 def images(shape=(1, 1, 13, 10, 7), seed=0):
@@ -246,7 +240,7 @@ def test_random_affine_is_a_rotation_in_mm_on_a_non_cubic_grid():
     shape, spacing = (10, 20, 40), 2.0
     config = SynthesisConfig(spacing_mm=spacing, rotation_deg=30, scaling=0, shear=0, translation_mm=5)
     theta = random_affine(3, shape, config, torch.Generator().manual_seed(1))
-    unit = torch.tensor([spacing * (n - 1) / 2 for n in reversed(shape)])
+    unit = torch.as_tensor(mm_per_normalized_unit(shape, spacing), dtype=torch.float32)
     linear_mm = theta[:, :, :3] * unit.view(1, 3, 1) / unit.view(1, 1, 3)  # D A_norm D^-1
     eye = torch.eye(3).expand(3, 3, 3)
     assert torch.allclose(linear_mm @ linear_mm.transpose(1, 2), eye, atol=1e-5)
@@ -269,8 +263,8 @@ def test_one_hot_soft_dice_and_lambda_sampling():
 
 # --------------------------------------------------------------------------------- training
 def test_loss_terms_at_the_lambda_ends():
-    from LearnedRegistrationLib.network import NetworkOutput
-    from LearnedRegistrationLib.regularization import diffusion
+    from LearnedRegistrationLib.engine.regularization import diffusion
+    from LearnedRegistrationLib.learned.network import NetworkOutput
 
     pair = synthesize_pair(blob_labels((8, 8, 8)), None, torch.Generator().manual_seed(2), SynthesisConfig(spacing_mm=4.0))
     g = torch.Generator().manual_seed(3)

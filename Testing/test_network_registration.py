@@ -16,14 +16,21 @@ import torch
 from scipy.ndimage import map_coordinates
 from vtk.util import numpy_support
 
-from LearnedRegistrationLib import mrml
-from LearnedRegistrationLib.checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, save_checkpoint
-from LearnedRegistrationLib.grid import ImageGrid
-from LearnedRegistrationLib.logic import DEFAULT_METHOD, LearnedRegistrationLogic
-from LearnedRegistrationLib.network import NetworkConfig, RegistrationNetwork
-from LearnedRegistrationLib.optimize import RegistrationCancelled
-from LearnedRegistrationLib.predict import AdaptationOptions, NetworkRegistration
-from LearnedRegistrationLib.transforms import displacement_to_ras, resample_image
+from LearnedRegistrationLib.bridge import mrml
+from LearnedRegistrationLib.bridge.logic import DEFAULT_METHOD, RegistrationLogic
+from LearnedRegistrationLib.engine.common import RegistrationCancelled
+from LearnedRegistrationLib.engine.grid import ImageGrid
+from LearnedRegistrationLib.engine.transforms import displacement_to_ras, resample_image
+from LearnedRegistrationLib.learned.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from LearnedRegistrationLib.learned.network import NetworkConfig, RegistrationNetwork
+from LearnedRegistrationLib.learned.predict import AdaptationOptions, NetworkRegistration
+
+from conftest import blobs, oblique_grid, random_network
 
 TINY = NetworkConfig(
     encoder_features=(4, 8, 8), decoder_features=(8,), head_features=4, condition_features=8, integration_steps=4, output_level=1
@@ -33,37 +40,12 @@ METADATA = {"working_grid": {"spacing_mm": 3.0, "direction_ras": LIA}}
 
 
 def tiny_network(seed: int = 0) -> RegistrationNetwork:
-    """Random weights everywhere (FiLM and heads too), so the field is not the identity and λ matters."""
-    torch.manual_seed(seed)
-    net = RegistrationNetwork(TINY)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "film" in name:
-                p.normal_(0.0, 0.3)
-            elif name in ("velocity_head.weight", "weight_head.weight"):
-                p.normal_(0.0, 0.05)
-    return net
+    return random_network(TINY, seed)
 
 
 @pytest.fixture
 def tiny_model(tmp_path):
     return save_checkpoint(tmp_path / "tiny.pt", tiny_network(), METADATA)
-
-
-def oblique_grid(shape, spacing, seed, origin=(12.5, -30.25, 41.0)) -> ImageGrid:
-    """Anisotropic grid with a random proper rotation as direction."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    if np.linalg.det(q) < 0:
-        q[:, 0] *= -1
-    return ImageGrid(shape, spacing, np.asarray(origin, dtype=np.float64), q)
-
-
-def blobs(grid: ImageGrid, shift=(0.0, 0.0, 0.0)) -> np.ndarray:
-    """Smooth blobs around the grid centre, at world positions (so two grids see the same object)."""
-    p = grid.world_points() - grid.center_ras - np.asarray(shift)
-    image = np.exp(-(p**2).sum(-1) / (2 * 9.0**2)) + 0.6 * np.exp(-((p - [5.0, -4.0, 3.0]) ** 2).sum(-1) / (2 * 4.0**2))
-    return image.astype(np.float32)
 
 
 def pair():
@@ -201,7 +183,7 @@ def test_set_regularization_updates_the_same_nodes_in_place(slicer_app, tiny_mod
     fixed, fixed_grid, moving, moving_grid = pair()
     fixedNode = add_volume(scene, fixed, fixed_grid, "fixed")
     movingNode = add_volume(scene, moving, moving_grid, "moving")
-    logic = LearnedRegistrationLogic()
+    logic = RegistrationLogic()
     assert not logic.canSetRegularizationInstantly()
     with pytest.raises(RuntimeError, match="network"):
         logic.setRegularization(0.5)
@@ -238,7 +220,7 @@ def test_missing_or_corrupt_weights_name_the_file_and_leave_the_scene_alone(slic
     fixedNode = add_volume(scene, fixed, fixed_grid, "fixed")
     movingNode = add_volume(scene, moving, moving_grid, "moving")
     count = scene.GetNumberOfNodes()
-    logic = LearnedRegistrationLogic()
+    logic = RegistrationLogic()
     missing = tmp_path / "nowhere" / "model.pt"
     with pytest.raises(CheckpointNotFoundError, match="nowhere"):
         logic.register(fixedNode, movingNode, method="network", modelPath=str(missing), device="cpu")
@@ -255,7 +237,7 @@ def test_method_choice_and_its_errors(slicer_app, tiny_model, tmp_path):
     fixedNode = add_volume(scene, fixed, fixed_grid, "fixed")
     movingNode = add_volume(scene, moving, moving_grid, "moving")
     lambdaNode = add_volume(scene, np.full(fixed_grid.shape, 0.5, np.float32), fixed_grid, "lambda")
-    logic = LearnedRegistrationLogic()
+    logic = RegistrationLogic()
     assert logic.prepareRegistration(fixedNode, movingNode).method == DEFAULT_METHOD == "optimize"
     with pytest.raises(ValueError, match="unknown registration method"):
         logic.prepareRegistration(fixedNode, movingNode, method="magic")
@@ -272,7 +254,7 @@ def test_method_choice_and_its_errors(slicer_app, tiny_model, tmp_path):
 
 # --------------------------------------------------------------------------------- command line
 def test_cli_network_method_and_lambda_sweep_write_metrics_and_plot(tmp_path, tiny_model):
-    from LearnedRegistrationLib import cli
+    from LearnedRegistrationLib.app import cli
 
     out = tmp_path / "out"
     status = cli.main(["register", "--output-dir", str(out), "--method", "network", "--model", str(tiny_model),

@@ -9,12 +9,11 @@ Dice 0.75 at the default λ on this pair; the test allows 0.02 below that for CP
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from LearnedRegistrationLib.cli import main
+from LearnedRegistrationLib.app.cli import main
 
 
 def register_oasis(folder: Path, output: Path, *options: str) -> int:

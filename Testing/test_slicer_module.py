@@ -6,11 +6,12 @@ or parameterNodeWrapper), so the module file is read with ``ast`` and the .ui wi
 
 import ast
 import json
-import py_compile
+import os
 import re
 import shutil
 import struct
 import subprocess
+import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -228,28 +229,30 @@ def test_every_field_is_bound_to_one_compatible_widget(ui, moduleTree, parameter
 
 
 def test_defaults_are_valid(moduleTree, parameterFields):
-    from LearnedRegistrationLib import optimize
+    from LearnedRegistrationLib.engine import common
 
     constants = {k: v for k, v in _moduleAliases(moduleTree).items()}
     for name, (annotation, default) in parameterFields.items():
         bounds = re.search(r"WithinRange\(([-\d.]+), ([-\d.]+)\)", annotation)
         if bounds and default is not None:
             source = ast.unparse(default)
-            value = float(constants.get(source, source))
+            # a literal, a module constant, or a constant imported from the engine
+            value = float(getattr(common, source)) if hasattr(common, source) else float(constants.get(source, source))
             low, high = map(float, bounds.groups())
             assert low <= value <= high, f"default of {name} ({value}) outside [{low}, {high}]"
-    assert float(constants["DEFAULT_REGULARIZATION_WEIGHT"]) == optimize.DEFAULT_LAMBDA
+    # The panel's default λ is the engine's, imported from its one home.
+    assert ast.unparse(parameterFields["regularizationWeight"][1]) == "DEFAULT_LAMBDA"
 
 
 def test_enums_match_the_engine(moduleTree):
-    from LearnedRegistrationLib import similarity
+    from LearnedRegistrationLib.engine import common
 
     def values(className):
         cls = _classDef(moduleTree, className)
         return [ast.literal_eval(s.value) for s in cls.body
                 if isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant)]
 
-    assert sorted(values("Similarity")) == sorted(similarity.SIMILARITIES)
+    assert sorted(values("Similarity")) == sorted(common.SIMILARITIES)
     assert values("Similarity")[0] == "lncc"  # the default (first member)
     assert "optimize" in values("RegistrationMethod")
     assert values("ComputeDevice") == ["auto", "cpu", "cuda"]
@@ -259,7 +262,7 @@ def test_enums_match_the_engine(moduleTree):
 def test_output_selectors_create_new_nodes(ui, moduleTree):
     _, widgets = ui
     outputFields = set(ast.literal_eval(_moduleLiteral(moduleTree, "OUTPUT_FIELDS"))) | {"sweepTable", "sweepChart"}
-    for name, (cls, props) in widgets.items():
+    for name, (_cls, props) in widgets.items():
         if props.get("SlicerParameterName") in outputFields:
             for option in ("noneEnabled", "addEnabled", "renameEnabled"):
                 assert props.get(option) == "true", f"output selector '{name}' needs {option}"
@@ -275,7 +278,7 @@ def _moduleLiteral(tree, name):
 def test_output_fields_cover_the_logic_outputs(moduleTree, parameterFields):
     from dataclasses import fields
 
-    from LearnedRegistrationLib.logic import RegistrationOutputNodes
+    from LearnedRegistrationLib.bridge.logic import RegistrationOutputNodes
 
     mapping = ast.literal_eval(_moduleLiteral(moduleTree, "OUTPUT_FIELDS"))
     nodeAttributes = {f.name for f in fields(RegistrationOutputNodes) if f.name != "metrics"}
@@ -319,7 +322,7 @@ def test_module_description(moduleTree):
         assert ast.get_docstring(_classDef(moduleTree, className)), f"{className} needs a docstring"
     logic = _classDef(moduleTree, "LearnedRegistrationLogic")
     assert {ast.unparse(b) for b in logic.bases} == {"ScriptedLoadableModuleLogic",
-                                                      "registrationLogic.LearnedRegistrationLogic"}
+                                                      "registrationLogic.RegistrationLogic"}
     assert any(isinstance(f, ast.FunctionDef) and f.name == "registerUsingParameterNode" for f in logic.body)
 
 
@@ -335,8 +338,8 @@ def test_nothing_heavy_or_qt_at_import():
         return names
 
     assert "torch" not in topLevelImports(MODULE_FILE)
-    assert not {"torch", "qt", "ctk", "vtk", "slicer"} & topLevelImports(MODULE_DIR / "LearnedRegistrationLib" / "tasks.py")
-    logicImports = topLevelImports(MODULE_DIR / "LearnedRegistrationLib" / "logic.py")
+    assert not {"torch", "qt", "ctk", "vtk", "slicer"} & topLevelImports(MODULE_DIR / "LearnedRegistrationLib" / "bridge" / "tasks.py")
+    logicImports = topLevelImports(MODULE_DIR / "LearnedRegistrationLib" / "bridge" / "logic.py")
     assert "torch" not in logicImports and "optimize" not in logicImports
     source = MODULE_FILE.read_text(encoding="utf-8")
     assert "pip_install" not in source and "installTorch(askConfirmation=True)" in source
@@ -371,10 +374,13 @@ def test_module_cmake_lists_every_file():
     scripts = expand(_cmakeList(text, "MODULE_PYTHON_SCRIPTS"))
     resources = expand(_cmakeList(text, "MODULE_PYTHON_RESOURCES"))
     onDisk = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.glob("*.py")}
+    # Every module of the library except the training package (scripts/train.py), which Slicer does not need.
     onDisk |= {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "LearnedRegistrationLib").rglob("*.py")
-               if "__pycache__" not in p.parts}
+               if "__pycache__" not in p.parts and "training" not in p.parts}
     assert scripts == onDisk, f"not listed: {sorted(onDisk - scripts)}; listed but missing: {sorted(scripts - onDisk)}"
     resourcesOnDisk = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    # The shipped weights: package data, installed next to the modules that find them.
+    resourcesOnDisk |= {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "LearnedRegistrationLib").rglob("*.pt")}
     assert resources == resourcesOnDisk, (
         f"not listed: {sorted(resourcesOnDisk - resources)}; listed but missing: {sorted(resources - resourcesOnDisk)}")
     assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}", text)
@@ -437,12 +443,22 @@ def _python312():
     return None
 
 
-SLICER_SOURCES = [MODULE_FILE, *sorted((MODULE_DIR / "LearnedRegistrationLib").glob("*.py"))]
+SLICER_SOURCES = [MODULE_FILE, *sorted(p for p in (MODULE_DIR / "LearnedRegistrationLib").rglob("*.py")
+                                       if "__pycache__" not in p.parts)]
 
 
-@pytest.mark.parametrize("path", SLICER_SOURCES, ids=lambda p: p.name)
-def test_compiles_on_this_python(path, tmp_path):
-    py_compile.compile(str(path), cfile=str(tmp_path / "out.pyc"), doraise=True)
+def _compileall(interpreter, cacheFolder):
+    """``python -m compileall`` over the module file and the whole library, byte code kept out of the tree."""
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(cacheFolder)}
+    return subprocess.run([interpreter, "-m", "compileall", "-q", "-f", str(MODULE_FILE), str(MODULE_DIR / "LearnedRegistrationLib")],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_compiles_on_this_python(tmp_path):
+    result = _compileall(sys.executable, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    compiled = {p.stem.split(".")[0] for p in tmp_path.rglob("*.pyc")}
+    assert {p.stem for p in SLICER_SOURCES} <= compiled
 
 
 def test_compiles_on_python_312(tmp_path):
@@ -452,8 +468,6 @@ def test_compiles_on_python_312(tmp_path):
         for path in SLICER_SOURCES:
             ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 12))
         return
-    script = ("import py_compile, sys\n"
-              "for i, p in enumerate(sys.argv[2:]): py_compile.compile(p, cfile=sys.argv[1] + str(i), doraise=True)\n")
-    result = subprocess.run([interpreter, "-c", script, str(tmp_path / "c"), *map(str, SLICER_SOURCES)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = _compileall(interpreter, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert any(p.name.endswith(".cpython-312.pyc") for p in tmp_path.rglob("*.pyc"))

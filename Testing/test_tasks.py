@@ -1,10 +1,10 @@
-"""Tests for the Qt-free task plumbing the Slicer panel relies on (LearnedRegistrationLib.tasks)."""
+"""Tests for the Qt-free task plumbing the Slicer panel relies on (LearnedRegistrationLib.bridge.tasks)."""
 
 import threading
 
 import pytest
 
-from LearnedRegistrationLib.tasks import (
+from LearnedRegistrationLib.bridge.tasks import (
     BackgroundTask,
     LatestRequestDebouncer,
     ProgressUpdate,

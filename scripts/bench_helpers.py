@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "LearnedRegistration") not in sys.path:
     sys.path.insert(0, str(ROOT / "LearnedRegistration"))
 
-from LearnedRegistrationLib.grid import LPS_TO_RAS, ImageGrid  # noqa: E402
+from LearnedRegistrationLib.engine.grid import LPS_TO_RAS, ImageGrid  # noqa: E402
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -89,7 +89,7 @@ def synthetic_deformation(
 ):
     """Seeded smooth invertible deformation: ``(u, d_true)`` (Z, Y, X, 3) RAS mm on ``grid``.
 
-    Same recipe as :func:`LearnedRegistrationLib.demo.smooth_displacement` (random vectors on a
+    Same recipe as :func:`LearnedRegistrationLib.app.demo.smooth_displacement` (random vectors on a
     coarse lattice, cubic interpolation, scaled to ``max_displacement_mm``, then shrunk so no
     gradient entry exceeds ``max_gradient`` < 1/3, which keeps ``x -> x + u(x)`` invertible), but
     with about ``control_spacing_mm`` between control points along EACH axis: the demo's cubic
@@ -99,11 +99,11 @@ def synthetic_deformation(
 
     The moving image is ``fixed(y + u(y))``; the resampling displacement that registers it back
     (``warped(x) = moving(x + d(x)) = fixed(x)``) is the inverse ``d_true`` of ``u``
-    (:func:`LearnedRegistrationLib.demo.invert_displacement`).
+    (:func:`LearnedRegistrationLib.app.demo.invert_displacement`).
     """
     from scipy import ndimage
 
-    from LearnedRegistrationLib.demo import invert_displacement
+    from LearnedRegistrationLib.app.demo import invert_displacement
 
     if not 0 < max_gradient < 1 / 3:
         raise ValueError(f"max_gradient must be in (0, 1/3), got {max_gradient}")
@@ -127,7 +127,7 @@ def synthetic_deformation(
 
 def deform(image: np.ndarray, grid: ImageGrid, u: np.ndarray, order: int = 1) -> np.ndarray:
     """``image(y + u(y))`` on ``grid`` (order 1 = linear for images, 0 = nearest for labels)."""
-    from LearnedRegistrationLib.demo import _index_coordinates, _sample
+    from LearnedRegistrationLib.app.demo import _index_coordinates, _sample
 
     coordinates = _index_coordinates(grid, grid.world_points() + u)
     out = _sample(np.asarray(image, dtype=np.float64 if order else np.float64), coordinates, order, "nearest")
@@ -143,7 +143,7 @@ def demons_displacement(fixed: np.ndarray, fixed_grid: ImageGrid, moving: np.nda
     """
     import SimpleITK as sitk
 
-    from LearnedRegistrationLib.imageio import sitk_image
+    from LearnedRegistrationLib.engine.imageio import sitk_image
 
     f = sitk_image(np.asarray(fixed, np.float32), fixed_grid)
     m = sitk.HistogramMatching(sitk_image(np.asarray(moving, np.float32), moving_grid), f, 256, 15, True)

@@ -24,7 +24,7 @@ from bench_helpers import lps_field_to_ras
 def _write(path: Path, image: np.ndarray, grid) -> str:
     import SimpleITK as sitk
 
-    from LearnedRegistrationLib.imageio import sitk_image
+    from LearnedRegistrationLib.engine.imageio import sitk_image
 
     sitk.WriteImage(sitk_image(np.asarray(image, np.float32), grid), str(path))
     return str(path)

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT / "LearnedRegistration"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_helpers import deform, dsc30, foreground_mask, ratios, synthetic_deformation  # noqa: E402
+from LearnedRegistrationLib.engine.metric_table import metric  # noqa: E402
 
 QUICK_PAIRS = ("oasis_l2r_to_vxm", "synth_ct")
 FULL_PAIRS = ("oasis_l2r_to_vxm", "oasis_vxm_to_l2r", "mne_to_oasis", "synth_ct", "synth_cardiac", "synth_brain", "multimodal_cardiac")
@@ -90,14 +91,14 @@ def _grid_dict(grid) -> dict:
 
 
 def _grid(d: dict):
-    from LearnedRegistrationLib.grid import ImageGrid
+    from LearnedRegistrationLib.engine.grid import ImageGrid
 
     return ImageGrid(tuple(d["shape"]), tuple(d["spacing"]), np.asarray(d["origin"]), np.asarray(d["direction"]))
 
 
 def build_pair(name: str, data: Path) -> dict:
     """Arrays and metadata of one benchmark pair (see the module docstring)."""
-    from LearnedRegistrationLib.imageio import read_volume
+    from LearnedRegistrationLib.engine.imageio import read_volume
 
     oasis = data / "brain_oasis"
     eval30 = json.loads((oasis / "labels.json").read_text())["voxelmorph_eval_labels_30"]
@@ -185,9 +186,15 @@ def score(pair: dict, displacement_ras: np.ndarray) -> tuple[dict, np.ndarray]:
     warped nearest-neighbour); with a known field, the displacement error (mm, mean and 95th
     percentile inside the fixed foreground mask).
     """
-    from LearnedRegistrationLib.demo import displacement_error
-    from LearnedRegistrationLib.metrics import dice_per_label, folding_percent, hd95_mm, jacobian_map, sdlogj
-    from LearnedRegistrationLib.transforms import resample_image
+    from LearnedRegistrationLib.engine.metrics import (
+        dice_per_label,
+        displacement_error,
+        folding_percent,
+        hd95_mm,
+        jacobian_map,
+        sdlogj,
+    )
+    from LearnedRegistrationLib.engine.transforms import resample_image
 
     grid = pair["fixed_grid"]
     jac = jacobian_map(displacement_ras, grid)
@@ -217,12 +224,13 @@ def run_network(pair: dict, adapt: bool, lambdas, row: dict, snapshot: str | Non
     the prediction alone; ``peak_rss_gb`` is taken after the first prediction, before any scoring.
     ``similarity`` is the affine stage's (default "mse").
     """
-    from LearnedRegistrationLib.checkpoint import load_checkpoint
-    from LearnedRegistrationLib.optimize import DEFAULT_LAMBDA, RegistrationOptions
-    from LearnedRegistrationLib.predict import DEFAULT_MODEL_PATH, AdaptationOptions, register_with_network
+    from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA, RegistrationOptions
+    from LearnedRegistrationLib.learned.checkpoint import load_checkpoint
+    from LearnedRegistrationLib.learned.predict import AdaptationOptions, register_with_network
+    from LearnedRegistrationLib.learned.weights import shipped_model_path
 
     start = time.perf_counter()
-    network, metadata = load_checkpoint(DEFAULT_MODEL_PATH)
+    network, metadata = load_checkpoint(shipped_model_path())
     session = register_with_network(network, metadata, pair["fixed"], pair["fixed_grid"], pair["moving"], pair["moving_grid"],
                                     options=RegistrationOptions(similarity=similarity or "mse"),
                                     adaptation=AdaptationOptions() if adapt else None)
@@ -272,7 +280,8 @@ def run_method(pair: dict, spec: dict, threads: int) -> list[dict]:
 
         d = elastix_displacement(fixed, fg, moving, mg, threads)
     elif method == "ours":
-        from LearnedRegistrationLib.optimize import RegistrationOptions, register_images
+        from LearnedRegistrationLib.engine.common import RegistrationOptions
+        from LearnedRegistrationLib.engine.optimize import register_images
 
         result = register_images(fixed, fg, moving, mg, RegistrationOptions(regularization_weight=lam, similarity=similarity))
         d = result.displacement_ras
@@ -291,8 +300,8 @@ def run_method(pair: dict, spec: dict, threads: int) -> list[dict]:
 
 def save_snapshot(pair: dict, result, jac: np.ndarray, path: str) -> None:
     """Middle slices (array axis 0) of the images the snapshot figure shows."""
-    from LearnedRegistrationLib.transforms import resample_image
-    from LearnedRegistrationLib.visualization import checkerboard
+    from LearnedRegistrationLib.engine.transforms import resample_image
+    from LearnedRegistrationLib.engine.visualization import checkerboard
 
     fg = pair["fixed_grid"]
     k = fg.shape[0] // 2
@@ -316,8 +325,8 @@ def frame_check_peer(data: Path, name: str, threads: int) -> dict:
     """
     from bench_helpers import demons_displacement
     from bench_peers import ants_displacement, elastix_displacement, set_threads
-    from LearnedRegistrationLib.imageio import read_volume
-    from LearnedRegistrationLib.transforms import resample_image
+    from LearnedRegistrationLib.engine.imageio import read_volume
+    from LearnedRegistrationLib.engine.transforms import resample_image
 
     set_threads(threads)
     image, grid = read_volume(data / "mrbraintumor_5mm" / "MRBrainTumor1.nii.gz")
@@ -364,7 +373,7 @@ def in_subprocess(spec: dict, threads: int, timeout: float) -> list[dict] | dict
 
 def plan(pairs, lambdas, with_network: bool, pair_flags: dict, quick: bool = False) -> list[dict]:
     """The measurements, in order: each a spec for one ``--single`` process."""
-    from LearnedRegistrationLib.optimize import DEFAULT_LAMBDA
+    from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA
 
     jobs = []
     for name in pairs:
@@ -399,6 +408,11 @@ def plan(pairs, lambdas, with_network: bool, pair_flags: dict, quick: bool = Fal
     return jobs
 
 
+#: Columns of the results tables (labels, units and formats from the project's metric table).
+TABLE_KEYS = ("lambda", "runtime_s", "peak_rss_gb", "dice_mean", "dsc30", "hd95_mean_mm", "folding_percent", "sdlogj",
+              "displacement_error_mean_mm", "displacement_error_p95_mm")
+
+
 def fmt(v, spec=".3f"):
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
@@ -406,7 +420,7 @@ def fmt(v, spec=".3f"):
 def verdict(rows: list[dict], pair: str) -> list[str]:
     """Plain statements of the target for one labelled pair: each of ours at the default λ against
     the best peer's Dice, at no more than a tenth of ANTs SyN's wall time (measured in this run)."""
-    from LearnedRegistrationLib.optimize import DEFAULT_LAMBDA
+    from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA
 
     ok = [r for r in rows if r["pair"] == pair and "error" not in r and r.get("dice_mean") is not None]
     peers = [r for r in ok if r["method"] in PEERS[1:]]
@@ -446,17 +460,14 @@ def markdown(rows: list[dict], meta: dict, descriptions: dict) -> str:
     lines.append("")
     for name in dict.fromkeys(r["pair"] for r in rows):
         lines += [f"## {name}", "", descriptions.get(name, ""), "",
-                  "| method | λ | time s | peak RSS GB | Dice | DSC30 | HD95 mm | % folding | SDlogJ | disp. err mean mm | disp. err p95 mm |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | " + " | ".join(metric(k).header for k in TABLE_KEYS) + " |",
+                  "|---" * (len(TABLE_KEYS) + 1) + "|"]
         for r in (r for r in rows if r["pair"] == name):
             if "error" in r:
-                lines.append(f"| {r.get('label', r['method'])} | {fmt(r.get('lambda'), 'g')} | failed: {r['error']} | | | | | | | | |")
+                lines.append(f"| {r.get('label', r['method'])} | {metric('lambda').text(r.get('lambda'))} | failed: {r['error']} |"
+                             + " |" * (len(TABLE_KEYS) - 2))
                 continue
-            lines.append(
-                f"| {r['label']} | {fmt(r.get('lambda'), 'g')} | {fmt(r['runtime_s'], '.1f')} | {fmt(r['peak_rss_gb'], '.2f')} | "
-                f"{fmt(r.get('dice_mean'))} | {fmt(r.get('dsc30'))} | {fmt(r.get('hd95_mean_mm'), '.2f')} | "
-                f"{fmt(r['folding_percent'], '.4f')} | {fmt(r['sdlogj'])} | {fmt(r.get('displacement_error_mean_mm'), '.2f')} | "
-                f"{fmt(r.get('displacement_error_p95_mm'), '.2f')} |")
+            lines.append(f"| {r['label']} | " + " | ".join(metric(k).text(r.get(k)) for k in TABLE_KEYS) + " |")
         network = [r for r in rows if r["pair"] == name and "lambda_change_s" in r]
         if network:
             stages = "affine, network, adaptation" if any(r["method"] == "network+adapt" for r in network) else "affine, network"
@@ -508,8 +519,8 @@ def figures(rows: list[dict], snapshots: dict, out: Path) -> list[str]:
         for i, r in enumerate(r for r in scored if r["method"] in PEERS):
             ax.plot(r["folding_percent"], r["dice_mean"], "s^Dvp"[i % 5], color=f"C{i + 3}", ms=8, label=f"{r['label']} ({r['runtime_s']:.0f} s)")
         ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_xlabel("% voxels folding (det J ≤ 0), symlog")
-        ax.set_ylabel("mean Dice")
+        ax.set_xlabel(f"{metric('folding_percent').header}, symlog")
+        ax.set_ylabel(metric("dice_mean").header)
         ax.set_title(f"{name}: Dice vs folding over λ (labels: λ)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")

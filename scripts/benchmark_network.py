@@ -35,7 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LearnedRegistration"))
 
+from LearnedRegistrationLib.engine.metric_table import metric  # noqa: E402
+
 PAIR = ("l2r_subject1", "vxm_test_scan")  # (moving, fixed)
+#: Metrics of each λ row (names and formats from the project's metric table).
+ACCURACY_KEYS = ("lambda", "dice_mean", "hd95_mean_mm", "folding_percent", "sdlogj")
 
 
 def parse_args(argv=None):
@@ -61,11 +65,11 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from LearnedRegistrationLib import mrml
-    from LearnedRegistrationLib.headless import HeadlessSlicer
-    from LearnedRegistrationLib.logic import LearnedRegistrationLogic
-    from LearnedRegistrationLib.optimize import DEFAULT_LAMBDA
-    from LearnedRegistrationLib.plots import plot_lambda_sweep
+    from LearnedRegistrationLib.app.headless import HeadlessSlicer
+    from LearnedRegistrationLib.app.plots import plot_lambda_sweep
+    from LearnedRegistrationLib.bridge import mrml
+    from LearnedRegistrationLib.bridge.logic import RegistrationLogic
+    from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA
 
     torch.set_num_threads(args.threads)
     lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
         common = dict(device=args.device, modelPath=args.model)
 
         # ---------------------------------------------------------------- 1. latency
-        logic = LearnedRegistrationLogic()
+        logic = RegistrationLogic()
         t = time.perf_counter()
         outputs = logic.register(fixed, moving, method="network", regularizationWeight=DEFAULT_LAMBDA, **common)
         cold = time.perf_counter() - t
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
         labelled = dict(fixedLabelNode=fixedLabels, movingLabelNode=movingLabels, evaluationLabels=labels30, **common)
         sweeps: dict = {}
         for method in ("network", "network+adapt"):
-            logic = LearnedRegistrationLogic()
+            logic = RegistrationLogic()
             t = time.perf_counter()
             extra = {"adaptationSteps": args.adapt_steps} if method == "network+adapt" else {}
             first = logic.register(fixed, moving, method=method, regularizationWeight=lambdas[0], **labelled, **extra)
@@ -149,18 +153,18 @@ def main(argv=None) -> int:
             rows = []
             for lam in lambdas:
                 m = first.metrics if lam == lambdas[0] else logic.setRegularization(lam).metrics
-                rows.append({k: m.get(k) for k in ("lambda", "dice_mean", "hd95_mean_mm", "folding_percent", "sdlogj")})
+                rows.append({k: m.get(k) for k in ACCURACY_KEYS})
                 print(f"{method:14s} λ={lam:.2f}: Dice {m['dice_mean']:.4f}  HD95 {m['hd95_mean_mm']:.2f} mm  "
                       f"folding {m['folding_percent']:.4f} %  SDlogJ {m['sdlogj']:.3f}", flush=True)
             sweeps[method] = {"first_registration_with_metrics_s": elapsed, "rows": rows,
                               "dice_before": first.metrics.get("dice_mean_initial")}
         report["sweeps"] = sweeps
         if not args.no_optimize:
-            logic = LearnedRegistrationLogic()
+            logic = RegistrationLogic()
             t = time.perf_counter()
             m = logic.register(fixed, moving, method="optimize", regularizationWeight=DEFAULT_LAMBDA, **labelled).metrics
             report["optimize"] = {"lambda": DEFAULT_LAMBDA, "runtime_s": time.perf_counter() - t,
-                                  **{k: m.get(k) for k in ("dice_mean", "hd95_mean_mm", "folding_percent", "sdlogj")}}
+                                  **{k: m.get(k) for k in ACCURACY_KEYS if k != "lambda"}}
             print(f"optimize       λ={DEFAULT_LAMBDA:.2f}: Dice {m['dice_mean']:.4f}  folding {m['folding_percent']:.4f} %  "
                   f"{report['optimize']['runtime_s']:.1f} s", flush=True)
 
@@ -216,15 +220,14 @@ def markdown(r: dict) -> str:
         ]
     opt = r.get("optimize")
     lines += ["## Accuracy over λ (Dice over the 30 VoxelMorph labels)", ""]
-    lines += ["| method | λ | Dice | HD95 mm | % folding | SDlogJ | Dice vs optimize |", "|---|---|---|---|---|---|---|"]
+    lines += ["| method | " + " | ".join(metric(k).header for k in ACCURACY_KEYS) + " | Dice vs optimize |",
+              "|---" * (len(ACCURACY_KEYS) + 2) + "|"]
     for method, sweep in r["sweeps"].items():
         for row in sweep["rows"]:
-            ratio = f"{row['dice_mean'] / opt['dice_mean']:.3f}×" if opt else "–"
-            lines.append(f"| {method} | {row['lambda']:g} | {row['dice_mean']:.4f} | {row['hd95_mean_mm']:.2f} | "
-                         f"{row['folding_percent']:.4f} | {row['sdlogj']:.3f} | {ratio} |")
+            ratio = f"{row['dice_mean'] / opt['dice_mean']:.3f}×" if opt else "—"
+            lines.append(f"| {method} | " + " | ".join(metric(k).text(row.get(k)) for k in ACCURACY_KEYS) + f" | {ratio} |")
     if opt:
-        lines.append(f"| optimize (baseline) | {opt['lambda']:g} | {opt['dice_mean']:.4f} | {opt['hd95_mean_mm']:.2f} | "
-                     f"{opt['folding_percent']:.4f} | {opt['sdlogj']:.3f} | 1 |")
+        lines.append("| optimize (baseline) | " + " | ".join(metric(k).text(opt.get(k)) for k in ACCURACY_KEYS) + " | 1 |")
     lines.append("")
     before = next(iter(r["sweeps"].values()))["dice_before"]
     times = ", ".join(f"{k} {v['first_registration_with_metrics_s']:.1f} s" for k, v in r["sweeps"].items())

@@ -1,19 +1,44 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the project's virtual environment in .venv and installs the package with its
-# test extra. torch is installed first with an exact pin: a bare or open-ended torch requirement
-# would pull the newest CUDA build (several GB) from the registry.
+# Creates (or reuses) a virtual environment and prints its path.
+#
+#   bash scripts/setup_env.sh           # .venv: this package with its test extra (run.sh, test.sh)
+#   bash scripts/setup_env.sh --bench   # .venv-bench: this package plus the peer tools compared in
+#                                       # scripts/benchmark.py (ANTs via antspyx, elastix via itk-elastix)
+#
+# torch is installed FIRST with an exact pin: a bare or open-ended torch requirement would pull the
+# newest CUDA build (several GB) from the registry. The peers are pinned to versions checked to
+# install and run here. Each environment inherits nothing from the other or from the system.
+# An environment is (re)installed when pyproject.toml or this script is newer than its stamp.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${LEARNEDREG_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
+case "${1:-}" in
+    "")
+        venv="${LEARNEDREG_VENV:-$root/.venv}"
+        package="$root[test]"
+        extras=()
+        ;;
+    --bench)
+        venv="${LEARNEDREG_BENCH_VENV:-$root/.venv-bench}"
+        package="$root"
+        extras=("antspyx==0.6.3" "itk-elastix==0.25.4" "matplotlib>=3.7")
+        ;;
+    *)
+        echo "usage: bash scripts/setup_env.sh [--bench]" >&2
+        exit 2
+        ;;
+esac
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 stamp="$venv/.learnedreg-installed"
-if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "${BASH_SOURCE[0]}" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet "torch==${LEARNEDREG_TORCH_VERSION:-2.13.0}"
-    "$venv/bin/python" -m pip install --quiet -e "$root[test]"
+    "$venv/bin/python" -m pip install --quiet -e "$package"
+    if [ "${#extras[@]}" -gt 0 ]; then
+        "$venv/bin/python" -m pip install --quiet "${extras[@]}"
+    fi
     touch "$stamp"
 fi
 echo "$venv"

@@ -3,18 +3,18 @@
 
 SynthMorph-style (Hoffmann et al., IEEE TMI 2022): every step draws two of the 20 SynthSeg label
 maps, synthesizes a fixed and a moving image of random contrast with random deformations
-(:mod:`LearnedRegistrationLib.synthesis`), draws λ per pair (HyperMorph, Hoopes et al., IPMI 2021:
+(:mod:`LearnedRegistrationLib.training.synthesis`), draws λ per pair (HyperMorph, Hoopes et al., IPMI 2021:
 10 % at 0, 10 % at 1, the rest uniform), and minimizes
 
     (1-λ)·(1 - softDice(moving labels ∘ exp(v), fixed labels)) + λ·κ·mean_x λ(x)|∇v|² + γ·BetaNLL(λ(x))
 
 (λ(x) divided by its image mean in the middle term unless ``--no-normalize-weight-map``)
 
-(:mod:`LearnedRegistrationLib.training`). Every ``--val-every`` steps it registers the real OASIS
+(:mod:`LearnedRegistrationLib.training.objective`). Every ``--val-every`` steps it registers the real OASIS
 pair (moving l2r_subject1 -> fixed vxm_test_scan) at a few λ and logs the Dice over the 30
 VoxelMorph labels (at the scans' native 1 mm grid) and the % folding; the curve goes to the
 console, to ``<output>.log.json`` and into the checkpoint's metadata. The checkpoint
-(:mod:`LearnedRegistrationLib.checkpoint`) is written at every validation and at the end.
+(:mod:`LearnedRegistrationLib.learned.checkpoint`) is written at every validation and at the end.
 
 Working grid: label maps and validation scans are resampled (nearest for labels, box-filtered
 linear for images) onto an isotropic grid of ``--working-spacing`` mm with the OASIS axis order
@@ -24,7 +24,8 @@ each axis rounded up to a multiple of the network's divisor (2^levels). The labe
 affinely aligned to the first one (least squares between the centroids of their brain labels), as
 the OASIS scans are affinely pre-aligned, so the network learns the deformable part.
 
-The shipped model (``LearnedRegistration/Resources/Models/lambda_synthmorph_2mm.pt``, 1 MB) was
+The shipped model (``LearnedRegistration/LearnedRegistrationLib/learned/models/lambda_synthmorph_2mm.pt``,
+1 MB; it was in ``LearnedRegistration/Resources/Models`` when these commands ran) was
 trained on this machine's 2 CPU cores over two work sessions: 600 steps by
 
     .venv/bin/python scripts/train.py --device cpu --threads 2 --steps 1100 --working-spacing 2 \
@@ -37,8 +38,8 @@ trained on this machine's 2 CPU cores over two work sessions: 600 steps by
         --lr 5e-4 --lr-decay-start 0.6 --val-every 250 --rotation-deg 1 --translation-mm 1 --scaling 0.01 \
         --init LearnedRegistration/Resources/Models/lambda_synthmorph_2mm.pt --output output/train/network_2mm_cont.pt
 
-(stopped by hand after the validation at its step 1000, i.e. 1600 in all; copied into
-Resources/Models; the merged log is ``benchmarks/training_log_lambda_synthmorph_2mm.json``).
+(stopped by hand after the validation at its step 1000, i.e. 1600 in all; copied into the
+shipped location; the merged log is ``benchmarks/training_log_lambda_synthmorph_2mm.json``).
 A GPU run would simply use ``--device cuda`` and many more ``--steps``.
 
 Smoke run on CPU:
@@ -67,16 +68,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LearnedRegistration"))
 
-from LearnedRegistrationLib.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from LearnedRegistrationLib.grid import ImageGrid  # noqa: E402
-from LearnedRegistrationLib.imageio import read_volume  # noqa: E402
-from LearnedRegistrationLib.metrics import dice_mean, folding_percent, jacobian_map  # noqa: E402
-from LearnedRegistrationLib.network import NetworkConfig, RegistrationNetwork  # noqa: E402
-from LearnedRegistrationLib.optimize import RegistrationOptions, choose_device, register_images  # noqa: E402
-from LearnedRegistrationLib.predict import to_working_grid, working_grid  # noqa: E402
-from LearnedRegistrationLib.synthesis import SynthesisConfig, synthesize_pair  # noqa: E402
-from LearnedRegistrationLib.training import LossConfig, sample_lambda, train_step  # noqa: E402
-from LearnedRegistrationLib.transforms import displacement_to_ras, grid_sample, resample_image, sampling_grid  # noqa: E402
+from LearnedRegistrationLib.engine.common import RegistrationOptions, choose_device  # noqa: E402
+from LearnedRegistrationLib.engine.grid import ImageGrid  # noqa: E402
+from LearnedRegistrationLib.engine.imageio import read_volume  # noqa: E402
+from LearnedRegistrationLib.engine.metrics import dice_mean, folding_percent, jacobian_map  # noqa: E402
+from LearnedRegistrationLib.engine.optimize import register_images  # noqa: E402
+from LearnedRegistrationLib.engine.transforms import (  # noqa: E402
+    displacement_to_ras,
+    grid_sample,
+    resample_image,
+    sampling_grid,
+)
+from LearnedRegistrationLib.learned.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from LearnedRegistrationLib.learned.network import NetworkConfig, RegistrationNetwork  # noqa: E402
+from LearnedRegistrationLib.learned.predict import to_working_grid, working_grid  # noqa: E402
+from LearnedRegistrationLib.training.objective import LossConfig, sample_lambda, train_step  # noqa: E402
+from LearnedRegistrationLib.training.synthesis import SynthesisConfig, synthesize_pair  # noqa: E402
 
 #: Column RAS directions of the (I, J, K) axes of the OASIS scans (LIA); training grids use them too.
 LIA_DIRECTION = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])

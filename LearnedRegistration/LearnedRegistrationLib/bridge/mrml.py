@@ -1,4 +1,4 @@
-"""MRML bridge: Slicer nodes <-> numpy arrays with their :class:`~LearnedRegistrationLib.grid.ImageGrid`.
+"""MRML bridge: Slicer nodes <-> numpy arrays with their :class:`~LearnedRegistrationLib.engine.grid.ImageGrid`.
 
 This module is the ONE place where data crosses the Slicer boundary, so it is where two
 conversions happen (each marked ``# FRAME:`` below):
@@ -27,8 +27,8 @@ from vtk.util import numpy_support
 
 import slicer
 
-from .grid import ImageGrid
-from .visualization import sampled_percentiles
+from ..engine.grid import ImageGrid
+from ..engine.visualization import sampled_percentiles
 
 #: Colour nodes tried in order for each kind of output; the first present in the scene is used.
 #: Slicer ships the file-based tables (Viridis, DivergingBlueRed); slicer-core only the procedural
@@ -475,7 +475,7 @@ def updateSegmentationNodeFromLabels(
     return segmentationNode
 
 
-def gridTransformFromDisplacement(displacementRas: np.ndarray, grid: ImageGrid) -> "slicer.vtkOrientedGridTransform":
+def gridTransformFromDisplacement(displacementRas: np.ndarray, grid: ImageGrid) -> slicer.vtkOrientedGridTransform:
     """A ``vtkOrientedGridTransform`` mapping RAS point x to x + d(x) (the resampling direction).
 
     The displacement grid has the fixed grid's origin and spacing, and its direction matrix is
@@ -500,7 +500,7 @@ def _displacementVectors(displacementRas: np.ndarray, grid: ImageGrid):
     return _vtkArrayFromArray(displacementRas, copy=False)
 
 
-def _gridTransformFromVectors(vtkArray, shape, grid: ImageGrid) -> "slicer.vtkOrientedGridTransform":
+def _gridTransformFromVectors(vtkArray, shape, grid: ImageGrid) -> slicer.vtkOrientedGridTransform:
     """:func:`gridTransformFromDisplacement` from prepared vectors (:func:`_displacementVectors`)."""
     displacementGrid = _imageDataFromVtkArray(vtkArray, shape)
     displacementGrid.SetOrigin(*grid.origin)

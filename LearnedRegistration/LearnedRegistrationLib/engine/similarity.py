@@ -7,13 +7,13 @@ tensor (mean over the batch). Pure functions; :func:`similarity_loss` picks one 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
+from .common import SIMILARITIES
 from .filters import box_mean, spatial_gradient
-
-SIMILARITIES = ("mse", "lncc", "ncc", "ngf", "mi")
 
 
 def _check_pair(name: str, fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor]) -> None:

@@ -6,7 +6,7 @@ the fixed and the moving side:
 1. a random spatial transform: a small random affine (rotation, scaling, shear, translation, in mm
    about the grid centre) after a random smooth diffeomorphism ``exp(v)``, with ``v`` Gaussian noise
    on a coarse control grid, up-sampled and integrated by scaling and squaring
-   (:func:`transforms.integrate_svf`); the labels are resampled through it (nearest neighbour);
+   (:func:`engine.transforms.integrate_svf`); the labels are resampled through it (nearest neighbour);
 2. a random image of random contrast: a random mean and standard deviation per label (Gaussian
    mixture, as SynthSeg/SynthMorph), Gaussian blur, a smooth multiplicative bias field, a random
    gamma, additive noise, and min-max normalization to [0, 1];
@@ -22,15 +22,16 @@ integer; images ``(N, 1, Z, Y, X)`` float in [0, 1]; the grid spacing (mm, isotr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .filters import gaussian_blur
-from .grid import ALIGN_CORNERS
-from .transforms import grid_sample, identity_grid, integrate_svf
+from ..engine.filters import gaussian_blur
+from ..engine.grid import ALIGN_CORNERS, mm_per_normalized_unit
+from ..engine.transforms import grid_sample, identity_grid, integrate_svf
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,8 @@ def _smooth_noise(batch: int, channels: int, shape, spacing_mm: float, control_m
 
 
 def _unit_mm(shape: Sequence[int], spacing_mm: float, device) -> torch.Tensor:
-    """mm per normalized unit along (x, y, z) for a grid of ``shape`` (Z, Y, X), shape (3,)."""
-    return torch.tensor([spacing_mm * (n - 1) / 2.0 for n in reversed(shape)], device=device)
+    """mm per normalized unit along (x, y, z) for a grid of ``shape`` (Z, Y, X), shape (3,) float32."""
+    return torch.as_tensor(mm_per_normalized_unit(shape, spacing_mm), dtype=torch.float32, device=device)
 
 
 def random_velocity(batch: int, shape, config: SynthesisConfig, generator: torch.Generator, device=None) -> torch.Tensor:

@@ -7,8 +7,8 @@ along (I, J, K) = (X, Y, Z), the same order as :attr:`grid.ImageGrid.spacing`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

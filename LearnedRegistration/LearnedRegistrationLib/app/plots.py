@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
-#: Axis labels of the metrics a λ sweep can be plotted against % folding.
-SWEEP_METRICS = {"dice_mean": "mean Dice", "sdlogj": "SDlogJ (std of log det J)"}
+from ..engine import metric_table
+
+#: Metrics a λ sweep can be plotted against % folding.
+SWEEP_METRICS = ("dice_mean", "sdlogj")
 
 
 def plot_lambda_sweep(
@@ -51,8 +53,8 @@ def plot_lambda_sweep(
     for j, p in enumerate(p for p in peers if p.get(metric) is not None):
         ax.plot(p["folding_percent"], p[metric], "s^Dvp"[j % 5], color=f"C{len(usable) + j}", ms=8, label=p["label"])
     ax.set_xscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("% voxels folding (det J ≤ 0), symlog")
-    ax.set_ylabel(SWEEP_METRICS[metric])
+    ax.set_xlabel(f"{metric_table.metric('folding_percent').header}, symlog")
+    ax.set_ylabel(metric_table.metric(metric).header)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

@@ -9,7 +9,7 @@ Three steps, so that the long one can run off the GUI thread::
 or in one call, ``logic.register(fixedNode, movingNode, regularizationWeight=0.3)``.
 
 Methods (``method=`` of ``prepareRegistration``): ``"optimize"`` (instance optimization,
-:mod:`.optimize`), ``"network"`` (the shipped λ-conditioned network, :mod:`.predict`) and
+:mod:`engine.optimize`), ``"network"`` (the shipped λ-conditioned network, :mod:`learned.predict`) and
 ``"network+adapt"`` (the network after test-time adaptation on the pair). After a network
 registration has been written, ``logic.setRegularization(lam)`` re-evaluates the network already
 in memory at a new λ and updates the same output nodes in place (the interactive slider).
@@ -19,24 +19,41 @@ in memory at a new λ and updates the same output nodes in place (the interactiv
 metrics, checkerboard); ``writeOutputs`` creates the missing output nodes and updates the given
 ones in place, all or nothing.
 
-This is a plain class (no Qt, no ``ScriptedLoadableModuleLogic``, which slicer-core lacks); the
-Slicer module's logic wraps it.
+:class:`RegistrationLogic` is a plain class (no Qt, no ``ScriptedLoadableModuleLogic``, which
+slicer-core lacks), used as it is by the command line and the tests; the Slicer module's
+``RegistrationLogic`` adds the parameter node, the views and the λ-sweep table to it.
+torch is imported only inside the methods that compute, so the Slicer module loads (and offers to
+install PyTorch) without it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
+import vtk
 
+import slicer
+
+from ..engine.common import (
+    DEFAULT_LAMBDA,
+    CancelCallback,
+    ProgressCallback,
+    RegistrationOptions,
+    RegistrationResult,
+)
+from ..engine.grid import ImageGrid
 from . import mrml
-from .grid import ImageGrid
 
-ProgressCallback = Callable[[float, str], None]
-CancelRequested = Callable[[], bool]
+if TYPE_CHECKING:  # torch-dependent types, imported where they are used
+    from ..learned.network import RegistrationNetwork
+    from ..learned.predict import NetworkRegistration
+
 
 #: Node attribute holding the metrics (JSON) on the output transform node, kept in saved scenes.
 METRICS_ATTRIBUTE = "LearnedRegistration.metrics"
@@ -54,7 +71,7 @@ DEFAULT_METHOD = "optimize"
 
 @dataclass
 class RegistrationOutputNodes:
-    """Output nodes of a registration; None ones are created by :meth:`LearnedRegistrationLogic.writeOutputs`.
+    """Output nodes of a registration; None ones are created by :meth:`RegistrationLogic.writeOutputs`.
 
     Attributes:
         warpedVolumeNode: moving volume resampled on the fixed grid (scalar volume).
@@ -70,20 +87,20 @@ class RegistrationOutputNodes:
         metrics: the metrics of the last registration written into these nodes.
     """
 
-    warpedVolumeNode: Any = None
-    displacementVolumeNode: Any = None
-    transformNode: Any = None
-    checkerboardVolumeNode: Any = None
-    differenceVolumeNode: Any = None
-    jacobianVolumeNode: Any = None
-    lambdaMapVolumeNode: Any = None
-    warpedLabelNode: Any = None
+    warpedVolumeNode: Optional[slicer.vtkMRMLScalarVolumeNode] = None
+    displacementVolumeNode: Optional[slicer.vtkMRMLVectorVolumeNode] = None
+    transformNode: Optional[slicer.vtkMRMLGridTransformNode] = None
+    checkerboardVolumeNode: Optional[slicer.vtkMRMLScalarVolumeNode] = None
+    differenceVolumeNode: Optional[slicer.vtkMRMLScalarVolumeNode] = None
+    jacobianVolumeNode: Optional[slicer.vtkMRMLScalarVolumeNode] = None
+    lambdaMapVolumeNode: Optional[slicer.vtkMRMLScalarVolumeNode] = None
+    warpedLabelNode: Optional[Union[slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode]] = None
     metrics: dict = field(default_factory=dict)
 
 
 @dataclass
 class RegistrationRequest:
-    """Everything :meth:`LearnedRegistrationLogic.computeRegistration` needs, as numpy arrays.
+    """Everything :meth:`RegistrationLogic.computeRegistration` needs, as numpy arrays.
 
     Arrays are (Z, Y, X) on their grid (world RAS mm); points are (P, 3) RAS mm.
     ``scene`` and the node IDs are only used by ``writeOutputs`` (on the main thread).
@@ -93,20 +110,20 @@ class RegistrationRequest:
     fixedGrid: ImageGrid
     moving: np.ndarray
     movingGrid: ImageGrid
-    options: Any  # optimize.RegistrationOptions
+    options: RegistrationOptions
     fixedMask: Optional[np.ndarray] = None
     lambdaMap: Optional[np.ndarray] = None
     fixedLabels: Optional[np.ndarray] = None
     movingLabels: Optional[np.ndarray] = None
-    labelNames: Optional[list] = None  # names of label values 1..N when labels came from segmentations
+    labelNames: Optional[list[str]] = None  # names of label values 1..N when labels came from segmentations
     movingLabelsAreSegmentation: bool = False
-    evaluationLabels: Optional[list] = None
+    evaluationLabels: Optional[list[int]] = None
     fixedPoints: Optional[np.ndarray] = None
     movingPoints: Optional[np.ndarray] = None
     method: str = "optimize"
     modelPath: Optional[str] = None  # network weights (None = the shipped ones)
     adaptationSteps: int = 0
-    scene: Any = None
+    scene: Optional[slicer.vtkMRMLScene] = None
     fixedVolumeNodeID: str = ""
     movingVolumeNodeID: str = ""
     outputBaseName: str = "Registered"
@@ -115,12 +132,12 @@ class RegistrationRequest:
 
 @dataclass
 class ComputedRegistration:
-    """What :meth:`LearnedRegistrationLogic.computeRegistration` produced (numpy, on the fixed grid).
+    """What :meth:`RegistrationLogic.computeRegistration` produced (numpy, on the fixed grid).
 
     Attributes:
-        result: the engine's ``optimize.RegistrationResult`` (warped, displacement_ras, jacobian,
+        result: the engine's :class:`engine.common.RegistrationResult` (warped, displacement_ras, jacobian,
             lambda_map, affine_ras, runtime_s, device, regularization_weight ...).
-        checkerboard, difference: (Z, Y, X) float32 (see :mod:`.visualization`).
+        checkerboard, difference: (Z, Y, X) float32 (see :mod:`engine.visualization`).
         warpedLabels: (Z, Y, X) int32 moving labels warped with nearest neighbour, or None.
         metrics: dict with ``folding_percent``, ``sdlogj``, ``runtime_s``, ``device``, ``lambda``,
             ``similarity`` and, when labels were given, ``dice_mean``, ``dice_per_label``,
@@ -129,12 +146,12 @@ class ComputedRegistration:
             ``tre_initial_mean_mm``.
     """
 
-    result: Any
+    result: RegistrationResult
     checkerboard: np.ndarray
     difference: np.ndarray
     warpedLabels: Optional[np.ndarray]
     metrics: dict
-    session: Any = None  # predict.NetworkRegistration of network methods (re-evaluated by setRegularization)
+    session: Optional[NetworkRegistration] = None  # network methods: re-evaluated by setRegularization
 
 
 def _finiteMean(values) -> Optional[float]:
@@ -147,7 +164,7 @@ def _jsonNumber(value: float) -> Optional[float]:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-class LearnedRegistrationLogic:
+class RegistrationLogic:
     """Deformable registration of MRML volume nodes (see the module docstring for the three steps).
 
     All node arguments are MRML nodes of one scene; errors a user can fix raise ``ValueError``
@@ -158,8 +175,9 @@ class LearnedRegistrationLogic:
     """
 
     def __init__(self) -> None:
-        self._networks: dict = {}
-        self._interactive: Optional[tuple] = None  # (request, session, outputs) of the last network run
+        self._networks: dict[tuple[str, int], tuple[RegistrationNetwork, dict]] = {}  # (file, mtime) -> loaded
+        # (request, session, outputs) of the last network registration written, for setRegularization
+        self._interactive: Optional[tuple[RegistrationRequest, NetworkRegistration, RegistrationOutputNodes]] = None
 
     # ------------------------------------------------------------------------------------ prepare
     def prepareRegistration(
@@ -211,15 +229,14 @@ class LearnedRegistrationLogic:
             modelPath: network weights file (None = the shipped ones).
             adaptationSteps: test-time adaptation effort of "network+adapt": steps per λ knot
                 (None = 15; the first knot gets proportionally more, see
-                :meth:`predict.AdaptationOptions.with_steps`).
+                :meth:`learned.predict.AdaptationOptions.with_steps`).
 
         Raises:
             ValueError: a missing or empty node, a label map / mask whose geometry differs from
                 its image, landmark lists of different lengths, bad option values, an unknown
                 method, or a λ map with a network method (the network predicts its own λ(x)).
         """
-        from .optimize import DEFAULT_LAMBDA, RegistrationOptions
-        from .predict import AdaptationOptions
+        from ..learned.predict import AdaptationOptions
 
         method = DEFAULT_METHOD if method is None else str(method).lower()
         if method not in METHODS:
@@ -283,7 +300,7 @@ class LearnedRegistrationLogic:
         if lambdaMapNode is not None:
             lambdaMap, lambdaGrid = mrml.arrayFromVolumeNode(lambdaMapNode)
             if not lambdaGrid.same_geometry(fixedGrid):
-                from .transforms import resample_image
+                from ..engine.transforms import resample_image
 
                 lambdaMap = resample_image(lambdaMap, lambdaGrid, fixedGrid, mode="linear", default_value=1.0)
             if not np.all(np.isfinite(lambdaMap)) or lambdaMap.min() < 0 or lambdaMap.max() > 1:
@@ -336,7 +353,7 @@ class LearnedRegistrationLogic:
         self,
         request: RegistrationRequest,
         progressCallback: Optional[ProgressCallback] = None,
-        cancelRequested: Optional[CancelRequested] = None,
+        cancelRequested: Optional[CancelCallback] = None,
     ) -> ComputedRegistration:
         """Run the engine and compute the derived volumes and metrics; touches no MRML (any thread).
 
@@ -346,7 +363,7 @@ class LearnedRegistrationLogic:
 
         Raises:
             ValueError: images the engine rejects (2D, NaN, empty, no overlap ...).
-            optimize.RegistrationCancelled: when ``cancelRequested()`` returned True.
+            engine.common.RegistrationCancelled: when ``cancelRequested()`` returned True.
         """
 
         def report(fraction: float, message: str) -> None:
@@ -355,7 +372,7 @@ class LearnedRegistrationLogic:
 
         session = None
         if request.method == "optimize":
-            from .optimize import register_images
+            from ..engine.optimize import register_images
 
             result = register_images(
                 request.fixed,
@@ -376,19 +393,17 @@ class LearnedRegistrationLogic:
         report(1.0, "done")
         return computed
 
-    def loadNetwork(self, modelPath=None):
+    def loadNetwork(self, modelPath: Optional[str] = None) -> tuple[RegistrationNetwork, dict]:
         """(network, metadata) from ``modelPath`` (None = the shipped weights), cached per file.
 
         Raises:
-            checkpoint.CheckpointNotFoundError, checkpoint.CheckpointError: a missing, corrupt or
+            learned.checkpoint.CheckpointNotFoundError, learned.checkpoint.CheckpointError: a missing, corrupt or
                 incompatible weights file (the message names the file).
         """
-        from pathlib import Path
+        from ..learned.checkpoint import CheckpointNotFoundError, load_checkpoint
+        from ..learned.weights import shipped_model_path
 
-        from .checkpoint import CheckpointNotFoundError, load_checkpoint
-        from .predict import DEFAULT_MODEL_PATH
-
-        path = Path(modelPath) if modelPath is not None else DEFAULT_MODEL_PATH
+        path = Path(modelPath) if modelPath is not None else shipped_model_path()
         if not path.is_file():
             raise CheckpointNotFoundError(f"network weights file '{path}' does not exist")
         key = (str(path.resolve()), path.stat().st_mtime_ns)
@@ -396,9 +411,11 @@ class LearnedRegistrationLogic:
             self._networks[key] = load_checkpoint(path)
         return self._networks[key]
 
-    def _networkSession(self, request: RegistrationRequest, report, cancelRequested):
-        """Affine stage of the optimizer, then a :class:`predict.NetworkRegistration` (adapted if asked)."""
-        from .predict import AdaptationOptions, register_with_network
+    def _networkSession(
+        self, request: RegistrationRequest, report: ProgressCallback, cancelRequested: Optional[CancelCallback]
+    ) -> NetworkRegistration:
+        """Affine stage of the optimizer, then a :class:`learned.predict.NetworkRegistration` (adapted if asked)."""
+        from ..learned.predict import AdaptationOptions, register_with_network
 
         network, metadata = self.loadNetwork(request.modelPath)
         adaptation = AdaptationOptions.with_steps(request.adaptationSteps) if request.adaptationSteps > 0 else None
@@ -407,11 +424,13 @@ class LearnedRegistrationLogic:
             adaptation, fixed_mask=request.fixedMask, progress=report, cancel=cancelRequested,
         )
 
-    def _derive(self, request: RegistrationRequest, result, session=None) -> ComputedRegistration:
+    def _derive(
+        self, request: RegistrationRequest, result: RegistrationResult, session: Optional[NetworkRegistration] = None
+    ) -> ComputedRegistration:
         """Metrics, warped labels, checkerboard and difference of an engine result (any thread)."""
-        from . import metrics as metricsLib
-        from .transforms import resample_image
-        from .visualization import checkerboard, difference
+        from ..engine import metrics as metricsLib
+        from ..engine.transforms import resample_image
+        from ..engine.visualization import checkerboard, difference
 
         fixedGrid = request.fixedGrid
         metrics: dict = {
@@ -466,8 +485,8 @@ class LearnedRegistrationLogic:
         """True when a network registration is in memory (:meth:`setRegularization` needs no new run)."""
         return self._interactive is not None
 
-    def networkSession(self):
-        """The :class:`predict.NetworkRegistration` of the last network registration written, or None.
+    def networkSession(self) -> Optional[NetworkRegistration]:
+        """The :class:`learned.predict.NetworkRegistration` of the last network registration written, or None.
 
         For scripting: e.g. ``session.weight_map()`` (λ(x) before scaling by λ) or ``session.predict(λ)``.
         """
@@ -609,13 +628,13 @@ class LearnedRegistrationLogic:
         *,
         outputNodes: Optional[RegistrationOutputNodes] = None,
         progressCallback: Optional[ProgressCallback] = None,
-        cancelRequested: Optional[CancelRequested] = None,
+        cancelRequested: Optional[CancelCallback] = None,
         **options,
     ) -> RegistrationOutputNodes:
         """Prepare, compute and write in one synchronous call (scripts, tests, the command line).
 
         ``options`` are the keyword arguments of :meth:`prepareRegistration`. On error or
-        cancellation (``optimize.RegistrationCancelled``) the scene is left unchanged.
+        cancellation (:class:`engine.common.RegistrationCancelled`) the scene is left unchanged.
         """
         request = self.prepareRegistration(fixedVolumeNode, movingVolumeNode, **options)
         computed = self.computeRegistration(request, progressCallback, cancelRequested)
@@ -655,7 +674,7 @@ def _isOutputClass(node, className: str) -> bool:
 
 
 class _SceneTransaction:
-    """Remembers what :meth:`LearnedRegistrationLogic.writeOutputs` changed, to undo it on failure.
+    """Remembers what :meth:`RegistrationLogic.writeOutputs` changed, to undo it on failure.
 
     Every node added to the scene since the transaction began is removed (output, display and
     storage nodes alike); nodes updated in place get back their previous image data, geometry,
@@ -672,8 +691,6 @@ class _SceneTransaction:
         if node is None:
             return None
         if node.IsA("vtkMRMLVolumeNode"):
-            import vtk
-
             # Updates may swap the scalar array inside the same vtkImageData (mrml._replaceScalars),
             # so keep the old array as well as the old image object.
             oldImage = node.GetImageData()
@@ -708,8 +725,6 @@ class _SceneTransaction:
 
             self.restorers.append(restoreTransform)
         elif node.IsA("vtkMRMLSegmentationNode"):
-            import slicer
-
             oldSegmentation = slicer.vtkSegmentation()
             oldSegmentation.DeepCopy(node.GetSegmentation())
 

@@ -26,6 +26,22 @@ ALIGN_CORNERS = True
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
+def mm_per_normalized_unit(shape, spacing=1.0) -> np.ndarray:
+    """Millimetres per normalized unit along (I, J, K) of a grid: ``spacing * (n - 1) / 2``, shape (3,).
+
+    The one place that states the scale of torch's normalized frame (with :data:`ALIGN_CORNERS`,
+    -1 and +1 are the centres of the first and last voxels, ``n - 1`` voxel steps apart). Multiply a
+    normalized vector by it to get mm, divide a mm vector by it to get normalized units.
+
+    Args:
+        shape: voxel counts in tensor order (Z, Y, X).
+        spacing: voxel size in mm along (I, J, K), or one number for an isotropic grid; the
+            default 1 gives *voxels* per normalized unit.
+    """
+    size_ijk = np.asarray(tuple(shape)[::-1], dtype=np.float64)
+    return np.asarray(spacing, dtype=np.float64) * (size_ijk - 1.0) / 2.0
+
+
 @dataclass(frozen=True)
 class ImageGrid:
     """Geometry of a 3D image: voxel shape plus the index-to-RAS mapping.
@@ -69,7 +85,7 @@ class ImageGrid:
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
-    def from_ijk_to_ras(cls, shape, ijk_to_ras: np.ndarray) -> "ImageGrid":
+    def from_ijk_to_ras(cls, shape, ijk_to_ras: np.ndarray) -> ImageGrid:
         """Grid from a (4, 4) IJK-to-RAS matrix (Slicer's ``GetIJKToRASMatrix``) and a KJI shape."""
         m = np.asarray(ijk_to_ras, dtype=np.float64)
         linear = m[:3, :3]
@@ -77,7 +93,7 @@ class ImageGrid:
         return cls(tuple(shape), tuple(spacing), m[:3, 3].copy(), linear / spacing)
 
     @classmethod
-    def from_lps(cls, shape, spacing, origin_lps, direction_lps) -> "ImageGrid":
+    def from_lps(cls, shape, spacing, origin_lps, direction_lps) -> ImageGrid:
         """Grid from ITK/SimpleITK geometry (LPS origin, row-major flattened LPS direction)."""
         direction = LPS_TO_RAS @ np.asarray(direction_lps, dtype=np.float64).reshape(3, 3)
         origin = LPS_TO_RAS @ np.asarray(origin_lps, dtype=np.float64).reshape(3)
@@ -111,8 +127,7 @@ class ImageGrid:
     @property
     def ijk_to_normalized(self) -> np.ndarray:
         """(4, 4) matrix mapping voxel index (I, J, K) to torch normalized (x, y, z), align_corners=True."""
-        scale = 2.0 / (np.asarray(self.size_ijk, dtype=np.float64) - 1.0)
-        m = np.diag([*scale, 1.0])
+        m = np.diag([*(1.0 / mm_per_normalized_unit(self.shape)), 1.0])
         m[:3, 3] = -1.0
         return m
 
@@ -128,8 +143,8 @@ class ImageGrid:
 
     @property
     def normalized_unit_mm(self) -> np.ndarray:
-        """Millimetres per normalized unit along (I, J, K): ``spacing * (n - 1) / 2``, shape (3,)."""
-        return np.asarray(self.spacing) * (np.asarray(self.size_ijk) - 1.0) / 2.0
+        """Millimetres per normalized unit along (I, J, K) (:func:`mm_per_normalized_unit`), shape (3,)."""
+        return mm_per_normalized_unit(self.shape, self.spacing)
 
     @property
     def extent_mm(self) -> np.ndarray:
@@ -142,7 +157,7 @@ class ImageGrid:
         centre_ijk = (np.asarray(self.size_ijk, dtype=np.float64) - 1.0) / 2.0
         return self.origin + self.direction @ (np.asarray(self.spacing) * centre_ijk)
 
-    def with_spacing(self, spacing_mm: float) -> "ImageGrid":
+    def with_spacing(self, spacing_mm: float) -> ImageGrid:
         """A grid covering the same first/last voxel centres with about ``spacing_mm`` isotropic voxels.
 
         Each axis keeps at least its original extent; the voxel count per axis is
@@ -152,7 +167,7 @@ class ImageGrid:
         size_ijk = np.clip(np.round(extent / float(spacing_mm)).astype(int) + 1, 2, self.size_ijk)
         return self.resized(tuple(int(s) for s in size_ijk[::-1]))
 
-    def resized(self, shape) -> "ImageGrid":
+    def resized(self, shape) -> ImageGrid:
         """The grid with a new voxel ``shape`` (Z, Y, X) whose first and last voxel centres stay put.
 
         This matches ``align_corners=True`` interpolation, so normalized coordinates mean the
@@ -169,7 +184,7 @@ class ImageGrid:
         ijk = np.stack([i, j, k], axis=-1)
         return ijk @ (self.direction * np.asarray(self.spacing)).T + self.origin
 
-    def same_geometry(self, other: "ImageGrid", tol_mm: float = 1e-3) -> bool:
+    def same_geometry(self, other: ImageGrid, tol_mm: float = 1e-3) -> bool:
         """True when both grids have the same shape and voxel centres agree within ``tol_mm``."""
         if self.shape != other.shape:
             return False

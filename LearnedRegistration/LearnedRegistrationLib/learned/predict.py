@@ -4,8 +4,8 @@
 fixed/moving pair:
 
 1. **prepare** (once per pair): the moving image is affinely aligned first (the caller passes the
-   optimizer's affine, :func:`optimize.register_images` without deformable levels); both images
-   are normalized (:func:`optimize.normalize_intensity`), box-filtered to the working spacing and
+   optimizer's affine, :func:`engine.optimize.register_images` without deformable levels); both images
+   are normalized (:func:`engine.common.normalize_intensity`), box-filtered to the working spacing and
    resampled onto the network's *working grid*: the checkpoint's spacing and axis directions
    (isotropic, LIA for the shipped brain model), covering the fixed image's extent, each axis a
    multiple of the network's divisor so no padding happens inside the network. The λ-free encoder
@@ -18,14 +18,14 @@ fixed/moving pair:
 3. **adapt** (optional, test-time adaptation): instance optimization *started from the network's
    prediction*, at a few knots of λ (default 0.1, 0.25, 0.5, 0.75), each warm-started from the
    previous knot. What is optimized is a residual velocity ``r_k`` per knot on the network's own
-   velocity grid, with the optimizer path's loss (:func:`optimize.svf_objective`) on the working grid:
+   velocity grid, with the optimizer path's loss (:func:`engine.optimize.svf_objective`) on the working grid:
    ``(1 - λ)·MSE(fixed, moving∘exp(v)) + κ·mean_x λ·λ̂(x)|∇v|² + γ·negJac``, ``v = v_net(λ) + r``,
    ``λ̂(x) = λ(x) / mean λ(x)`` the network's map. Afterwards ``predict(λ)`` adds the residual
    interpolated linearly in λ between knots (constant below the first, fading to 0 at λ = 1), so
    the slider stays instant. The network itself is never trained here: the shipped weights on
    disk and in any cached network stay as they are.
 
-Outputs are :class:`optimize.RegistrationResult` objects, so the logic writes them exactly like the
+Outputs are :class:`engine.common.RegistrationResult` objects, so the logic writes them exactly like the
 optimizer's. ``lambda_map`` is the effective regularization weight ``λ · λ(x)`` (Chen et al.,
 "Unsupervised learning of spatially varying regularization for diffeomorphic image registration").
 """
@@ -35,48 +35,38 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .filters import box_mean
-from .grid import ImageGrid
-from .metrics import jacobian_map
-from .network import RegistrationNetwork
-from .optimize import (
+from ..engine.common import (
+    CancelCallback,
+    ProgressCallback,
     RegistrationCancelled,
+    RegistrationOptions,
     RegistrationResult,
     choose_device,
     match_histogram,
     normalize_intensity,
-    svf_objective,
     validate_volume,
 )
-from .transforms import (
+from ..engine.filters import box_mean
+from ..engine.grid import ImageGrid, mm_per_normalized_unit
+from ..engine.metrics import jacobian_map
+from ..engine.optimize import register_images, svf_objective
+from ..engine.transforms import (
     AxisAlignedResampler,
     grid_sample,
     integrate_svf,
+    per_channel,
     resample_image,
     resize_field,
     sampling_grid,
 )
-
-#: Folder of the shipped network weights (a Slicer module resource).
-MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-#: The shipped model: trained by ``scripts/train.py`` (see its metadata and the README).
-DEFAULT_MODEL_PATH = MODELS_DIR / "lambda_synthmorph_2mm.pt"
-
-ProgressCallback = Callable[[float, str], None]
-CancelCallback = Callable[[], bool]
-
-
-def default_model_path() -> Optional[Path]:
-    """The shipped weights file, or None when it is not there (a source checkout without weights)."""
-    return DEFAULT_MODEL_PATH if DEFAULT_MODEL_PATH.is_file() else None
+from .network import RegistrationNetwork
 
 
 # --------------------------------------------------------------------------------- working grid
@@ -86,7 +76,7 @@ def working_grid(center_ras, fov_mm, spacing_mm: float, divisor: int, direction)
     a multiple of ``divisor``."""
     shape = tuple(int(math.ceil(max(1, math.ceil(f / spacing_mm - 1e-6)) / divisor) * divisor) for f in fov_mm)
     direction = np.asarray(direction, dtype=np.float64)
-    half = spacing_mm * (np.asarray(shape[::-1], dtype=np.float64) - 1.0) / 2.0  # along I, J, K
+    half = mm_per_normalized_unit(shape, spacing_mm)  # centre to the outermost voxel centres, along I, J, K
     origin = np.asarray(center_ras, dtype=np.float64) - direction @ half
     return ImageGrid(shape, (spacing_mm,) * 3, origin, direction)
 
@@ -145,7 +135,7 @@ class AdaptationOptions:
     learning_rate_vox: float = 0.5
     jacobian_penalty: float = 1.0
 
-    def validated(self) -> "AdaptationOptions":
+    def validated(self) -> AdaptationOptions:
         if min(int(self.steps), int(self.first_steps), int(self.coarse_steps)) < 0:
             raise ValueError(f"adaptation step counts must be >= 0, got {self.steps}, {self.first_steps}, {self.coarse_steps}")
         knots = [float(k) for k in self.knots]
@@ -156,7 +146,7 @@ class AdaptationOptions:
         return self
 
     @classmethod
-    def with_steps(cls, steps: int) -> "AdaptationOptions":
+    def with_steps(cls, steps: int) -> AdaptationOptions:
         """The default schedule scaled to ``steps`` per later knot (15 = the default: 60 coarse, 40 + 3 x 15 fine)."""
         steps = int(steps)
         return cls(steps=steps, first_steps=int(round(steps * 8 / 3)), coarse_steps=4 * steps)
@@ -180,7 +170,7 @@ class NetworkRegistration:
         device: "cpu", "cuda" or None (automatic).
 
     Raises:
-        ValueError: bad images (see :func:`optimize.validate_volume`) or metadata without a working grid.
+        ValueError: bad images (see :func:`engine.common.validate_volume`) or metadata without a working grid.
     """
 
     def __init__(
@@ -356,7 +346,7 @@ class NetworkRegistration:
             One dict per knot: ``lambda``, ``steps``, final ``similarity``, ``regularization``, ``loss``.
 
         Raises:
-            optimize.RegistrationCancelled: when ``cancel()`` returned True.
+            engine.common.RegistrationCancelled: when ``cancel()`` returned True.
         """
         options = options.validated()
         moving = match_histogram(self.moving, self.fixed)
@@ -372,8 +362,7 @@ class NetworkRegistration:
             with torch.no_grad():
                 out = self.network.decode_coarse(self.encoded, lam)
             grid = self.work.resized(out.velocity.shape[2:])
-            to_norm = torch.as_tensor([2.0 / (n - 1) for n in grid.size_ijk], dtype=torch.float32, device=self.device).view(1, 3, 1, 1, 1)
-            weight = lam * out.weight_map / out.weight_map.mean().clamp_min(1e-6)
+            to_norm = per_channel(1.0 / mm_per_normalized_unit(grid.shape), self.device)  # voxels -> normalized
             residual_vox = (torch.zeros_like(out.velocity) if previous is None else previous / to_norm).requires_grad_(True)
             optimizer = torch.optim.Adam([residual_vox], lr=options.learning_rate_vox)
             schedule = [("coarse", options.coarse_steps), ("fine", options.first_steps)] if index == 0 else [("fine", options.steps)]
@@ -385,8 +374,8 @@ class NetworkRegistration:
                     optimizer.zero_grad(set_to_none=True)
                     loss, sim, reg = svf_objective(
                         out.velocity + residual_vox * to_norm, grid, fixed_l, moving_l,
-                        self.work.resized(fixed_l.shape[2:]).spacing, weight, lam, "mse",
-                        integration_steps=self.network.config.integration_steps,
+                        self.work.resized(fixed_l.shape[2:]).spacing, lam, out.weight_map, "mse",
+                        normalize_weight_map=True, integration_steps=self.network.config.integration_steps,
                         jacobian_penalty=options.jacobian_penalty,
                     )
                     loss.backward()
@@ -411,7 +400,7 @@ def register_with_network(
     fixed_grid: ImageGrid,
     moving: np.ndarray,
     moving_grid: ImageGrid,
-    options=None,
+    options: Optional[RegistrationOptions] = None,
     adaptation: Optional[AdaptationOptions] = None,
     fixed_mask: Optional[np.ndarray] = None,
     progress: Optional[ProgressCallback] = None,
@@ -421,20 +410,16 @@ def register_with_network(
     (adapted when ``adaptation`` is given). Call ``.predict(λ)`` on the result for any λ.
 
     Args:
-        options: :class:`optimize.RegistrationOptions` for the affine stage (initialization,
+        options: :class:`engine.common.RegistrationOptions` for the affine stage (initialization,
             affine model and pyramid, similarity, device); its deformable levels are ignored.
         adaptation: test-time adaptation settings, or None for the network alone.
         fixed_mask: optional (Z, Y, X) mask on the fixed grid for the affine similarity.
-        progress, cancel: as in :func:`optimize.register_images` (affine 0-30 %, adaptation 35-95 %).
+        progress, cancel: as in :func:`engine.optimize.register_images` (affine 0-30 %, adaptation 35-95 %).
 
     Raises:
-        ValueError: bad images (as :func:`optimize.register_images`).
-        optimize.RegistrationCancelled: when ``cancel()`` returned True.
+        ValueError: bad images (as :func:`engine.optimize.register_images`).
+        engine.common.RegistrationCancelled: when ``cancel()`` returned True.
     """
-    from dataclasses import replace
-
-    from .optimize import RegistrationOptions, register_images
-
     def report(fraction: float, message: str) -> None:
         if progress is not None:
             progress(fraction, message)

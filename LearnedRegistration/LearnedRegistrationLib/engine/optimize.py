@@ -21,34 +21,43 @@ A ``cancel`` callable is polled every iteration; ``progress`` gets (fraction, me
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common import (
+    CancelCallback,
+    ProgressCallback,
+    RegistrationCancelled,
+    RegistrationOptions,
+    RegistrationResult,
+    choose_device,
+    match_histogram,
+    normalize_intensity,
+    validate_volume,
+)
 from .filters import box_mean, gaussian_blur
-from .grid import ALIGN_CORNERS, ImageGrid
+from .grid import ALIGN_CORNERS, ImageGrid, mm_per_normalized_unit
 from .metrics import jacobian_map
-from .regularization import negative_jacobian_penalty, weighted_diffusion
-from .similarity import SIMILARITIES, similarity_loss
+from .regularization import diffusion, negative_jacobian_penalty, weighted_diffusion
+from .similarity import similarity_loss
 from .transforms import (
     affine_matrix,
     displacement_to_ras,
     grid_sample,
     integrate_svf,
     normalized_to_mm,
+    per_channel,
     resample_image,
     resize_field,
     rotation_matrix,
     warp,
 )
-
-#: Default regularization weight λ (slider position) for the optimizer path.
-DEFAULT_LAMBDA = 0.25
 
 #: κ: per-similarity scale of the regularization term, so that one λ means about the same
 #: smoothness whichever similarity is chosen (the losses have different ranges). Calibrated on the
@@ -56,191 +65,6 @@ DEFAULT_LAMBDA = 0.25
 #: λ = 0.25 gives Dice 0.75 with < 0.01 % folding; the ratio of the two terms, λκ / (1 - λ), runs
 #: from 0 (λ = 0) through 0.004 (default) to 0.1 (λ = 0.9) and infinity (λ = 1, no deformation).
 REGULARIZATION_SCALE = {"mse": 0.0122, "lncc": 0.3, "ncc": 0.3, "ngf": 0.3, "mi": 0.3}
-
-INITIALIZATIONS = ("com", "moments", "none")
-AFFINE_MODELS = ("affine", "rigid", "none")
-
-ProgressCallback = Callable[[float, str], None]
-CancelCallback = Callable[[], bool]
-
-
-class RegistrationCancelled(RuntimeError):
-    """Raised by :func:`register_images` when the ``cancel`` callable returns True."""
-
-
-@dataclass
-class RegistrationOptions:
-    """Settings of :func:`register_images`.
-
-    Attributes:
-        similarity: "mse" (default; same contrast, robustly normalized intensities), "lncc"
-            (same modality, varying contrast), "ncc", "ngf" or "mi" (multi-modal).
-        regularization_weight: λ in [0, 1], see the module docstring.
-        initialization: "com", "moments" or "none".
-        affine_model: "affine", "rigid" or "none" (keep the initialization).
-        affine_spacings_mm / affine_iterations: pyramid of the affine stage.
-        deformable_spacings_mm / deformable_iterations: pyramid of the SVF stage (coarse to fine);
-            an empty tuple skips the deformable stage.
-        iteration_scale: multiplies every iteration count (``0.25`` for a quick preview).
-        lncc_window_mm: LNCC window edge in mm.
-        svf_steps: scaling-and-squaring steps.
-        learning_rate_vox: Adam step of the velocity, in voxels of the current level.
-        smoothing_sigma_vox: Gaussian smoothing of the velocity parameters each iteration (a
-            preconditioner in the manner of ConvexAdam's instance optimization).
-        control_spacing_factor: the velocity of each level lives on a grid this many times
-            coarser than the level (1 = same grid).
-        jacobian_penalty: γ, weight of the penalty on non-positive Jacobian determinants.
-        histogram_matching: with "mse", map the moving intensities onto the fixed image's
-            histogram first (Nyúl & Udupa style quantile matching, SimpleITK), as demons does;
-            other similarities are insensitive to such changes and skip it.
-        device: "cpu", "cuda", "cuda:N" or None (automatic).
-        seed: torch seed (the optimization itself is deterministic on CPU).
-    """
-
-    similarity: str = "mse"
-    regularization_weight: float = DEFAULT_LAMBDA
-    initialization: str = "com"
-    affine_model: str = "affine"
-    affine_spacings_mm: Sequence[float] = (8.0, 4.0)
-    affine_iterations: Sequence[int] = (60, 40)
-    deformable_spacings_mm: Sequence[float] = (4.0, 2.0)
-    deformable_iterations: Sequence[int] = (100, 40)
-    iteration_scale: float = 1.0
-    lncc_window_mm: float = 9.0
-    svf_steps: int = 5
-    learning_rate_vox: float = 0.5
-    smoothing_sigma_vox: float = 0.0
-    control_spacing_factor: float = 2.0
-    jacobian_penalty: float = 1.0
-    histogram_matching: bool = True
-    device: Optional[str] = None
-    seed: int = 0
-
-    def validated(self) -> "RegistrationOptions":
-        """Return self after checking every field; raises ValueError naming the bad one."""
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
-        lam = float(self.regularization_weight)
-        if not (0.0 <= lam <= 1.0) or math.isnan(lam):
-            raise ValueError(f"regularization weight λ must be in [0, 1], got {self.regularization_weight}")
-        if self.initialization not in INITIALIZATIONS:
-            raise ValueError(f"initialization must be one of {', '.join(INITIALIZATIONS)}, got {self.initialization!r}")
-        if self.affine_model not in AFFINE_MODELS:
-            raise ValueError(f"affine_model must be one of {', '.join(AFFINE_MODELS)}, got {self.affine_model!r}")
-        if len(self.affine_spacings_mm) != len(self.affine_iterations):
-            raise ValueError("affine_spacings_mm and affine_iterations must have the same length")
-        if len(self.deformable_spacings_mm) != len(self.deformable_iterations):
-            raise ValueError("deformable_spacings_mm and deformable_iterations must have the same length")
-        if any(s <= 0 for s in (*self.affine_spacings_mm, *self.deformable_spacings_mm)):
-            raise ValueError("pyramid spacings must be positive (mm)")
-        if self.iteration_scale <= 0:
-            raise ValueError(f"iteration_scale must be positive, got {self.iteration_scale}")
-        return self
-
-
-@dataclass
-class RegistrationResult:
-    """Output of :func:`register_images`; arrays are numpy on the CPU, on the fixed grid.
-
-    Attributes:
-        fixed_grid: geometry of every array below.
-        warped: (Z, Y, X) float32, the moving image resampled into the fixed grid.
-        displacement_ras: (Z, Y, X, 3) float32, RAS mm, resampling ("from parent") convention:
-            the moving point matching fixed point ``x`` is ``x + d(x)`` (affine included).
-        jacobian: (Z, Y, X) float32, ``det(I + dd/dx)``.
-        lambda_map: (Z, Y, X) float32, the regularization weight used at each voxel (λ · λ(x)).
-        affine_ras: (4, 4) resampling affine (fixed RAS -> moving RAS) found before the SVF.
-        velocity: (1, 3, Z', Y', X') stationary velocity on ``velocity_grid``, normalized units.
-        velocity_grid: grid of ``velocity`` (the finest deformable level), or None.
-        runtime_s: wall time of the call in seconds.
-        device: the torch device used.
-        regularization_weight: λ.
-        similarity: similarity name.
-        history: final loss of each stage.
-    """
-
-    fixed_grid: ImageGrid
-    warped: np.ndarray
-    displacement_ras: np.ndarray
-    jacobian: np.ndarray
-    lambda_map: np.ndarray
-    affine_ras: np.ndarray
-    velocity: Optional[torch.Tensor]
-    velocity_grid: Optional[ImageGrid]
-    runtime_s: float
-    device: str
-    regularization_weight: float
-    similarity: str
-    history: dict = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------- helpers
-def choose_device(requested: Optional[str] = None) -> torch.device:
-    """The torch device to run on: ``requested``, or CUDA when available, else CPU.
-
-    Raises:
-        ValueError: when CUDA is requested but not available, or the name is not a device.
-    """
-    if requested in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {requested!r}; use 'cpu', 'cuda' or leave it automatic") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use 'cpu' or automatic")
-    return device
-
-
-def validate_volume(name: str, image: np.ndarray, grid: ImageGrid) -> np.ndarray:
-    """Check a (Z, Y, X) volume against its grid and return it as float32.
-
-    Raises:
-        ValueError: for a 2D (single-slice) or non-3D array, a shape that does not match the grid,
-            NaN or infinite values, or an empty (constant) volume.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or min(image.shape) < 2:
-        raise ValueError(
-            f"the {name} image must be a 3D volume with at least 2 voxels along each axis, got shape {image.shape}; "
-            "2D images are not supported"
-        )
-    if image.shape != grid.shape:
-        raise ValueError(f"the {name} image has shape {image.shape} but its geometry says {grid.shape}")
-    image = image.astype(np.float32, copy=False)
-    if not np.isfinite(image).all():
-        raise ValueError(f"the {name} image contains NaN or infinite values; fix or mask them before registering")
-    if float(image.max()) == float(image.min()):
-        raise ValueError(f"the {name} image is empty: every voxel equals {float(image.min())}")
-    return image
-
-
-def normalize_intensity(image: np.ndarray) -> np.ndarray:
-    """Robust rescale to about [0, 1] (0.5th-99.5th percentile), so losses and κ have a known scale."""
-    sample = image.reshape(-1)[:: max(1, image.size // 2_000_000)]
-    lo, hi = np.percentile(sample, [0.5, 99.5])
-    if hi <= lo:
-        lo, hi = float(image.min()), float(image.max())
-    return np.clip((image - lo) / (hi - lo), -0.5, 1.5).astype(np.float32)
-
-
-def match_histogram(moving: np.ndarray, fixed: np.ndarray, levels: int = 256, match_points: int = 15) -> np.ndarray:
-    """Moving intensities mapped onto the fixed image's histogram (SimpleITK ``HistogramMatching``).
-
-    Voxels at or below each image's mean are treated as background and excluded from the
-    quantiles (``ThresholdAtMeanIntensity``), so large empty regions do not dominate. Geometry is
-    irrelevant here: only intensities change. Returns a (Z, Y, X) float32 array.
-    """
-    import SimpleITK as sitk
-
-    matched = sitk.HistogramMatching(
-        sitk.GetImageFromArray(moving.astype(np.float32)),
-        sitk.GetImageFromArray(fixed.astype(np.float32)),
-        numberOfHistogramLevels=levels,
-        numberOfMatchPoints=match_points,
-        thresholdAtMeanIntensity=True,
-    )
-    return sitk.GetArrayFromImage(matched).astype(np.float32)
 
 
 def _level_grids(grid: ImageGrid, spacings_mm: Sequence[float]) -> list[ImageGrid]:
@@ -383,7 +207,7 @@ def _optimize_affine(
 
 
 def _optimize_svf(
-    fixed_levels, mask_levels, lambda_levels, moving_t, moving_grid, affine, opts, device, ticker, history
+    fixed_levels, mask_levels, weight_levels, moving_t, moving_grid, affine, opts, device, ticker, history
 ):
     """SVF stage. Per level the velocity lives on a control grid ``control_spacing_factor`` times
     coarser than the level, is integrated there and its displacement up-sampled to the level: the
@@ -392,31 +216,23 @@ def _optimize_svf(
     affine_t = torch.as_tensor(affine, dtype=torch.float32, device=device)
     velocity_norm: Optional[torch.Tensor] = None
     control = None
-    for (fixed_l, level), mask_l, lam_l, iters in zip(fixed_levels, mask_levels, lambda_levels, opts.deformable_iterations):
+    for (fixed_l, level), mask_l, weight_l, iters in zip(fixed_levels, mask_levels, weight_levels, opts.deformable_iterations):
         n_iter = max(1, int(round(iters * opts.iteration_scale)))
         control = level.with_spacing(opts.control_spacing_factor * max(level.spacing))
         with torch.no_grad():
             moving_l = _to_level(moving_t, moving_grid, level, _theta(moving_grid, affine_t, level))
-            lam_c = resize_field(lam_l, control.shape)
-        to_norm = torch.as_tensor(
-            [2.0 / (n - 1) for n in control.size_ijk], dtype=torch.float32, device=device
-        ).view(1, 3, 1, 1, 1)
+            weight_c = resize_field(weight_l, control.shape)
+        to_norm = per_channel(1.0 / mm_per_normalized_unit(control.shape), device)  # voxels -> normalized
         if velocity_norm is None:
             v_vox = torch.zeros((1, 3, *control.shape), dtype=torch.float32, device=device)
         else:
             v_vox = resize_field(velocity_norm, control.shape) / to_norm
         v_vox.requires_grad_(True)
         optimizer = torch.optim.Adam([v_vox], lr=opts.learning_rate_vox)
-        sigma = [opts.smoothing_sigma_vox] * 3
-
-        def velocity() -> torch.Tensor:
-            smooth = gaussian_blur(v_vox, sigma) if opts.smoothing_sigma_vox > 0 else v_vox
-            return smooth * to_norm
-
         for _ in range(n_iter):
             optimizer.zero_grad(set_to_none=True)
             loss, sim, _ = svf_objective(
-                velocity(), control, fixed_l, moving_l, level.spacing, lam_c, lam, opts.similarity, mask=mask_l,
+                _velocity(v_vox, opts.smoothing_sigma_vox, to_norm), control, fixed_l, moving_l, level.spacing, lam, weight_c, opts.similarity, mask=mask_l,
                 integration_steps=opts.svf_steps, jacobian_penalty=opts.jacobian_penalty,
                 lncc_window_mm=opts.lncc_window_mm,
             )
@@ -426,8 +242,14 @@ def _optimize_svf(
         history[f"svf_{'x'.join(map(str, level.shape[::-1]))}"] = float(sim.item())
         history[f"time_svf_{'x'.join(map(str, level.shape[::-1]))}_s"] = time.perf_counter() - ticker.started
         with torch.no_grad():
-            velocity_norm = velocity()
+            velocity_norm = _velocity(v_vox, opts.smoothing_sigma_vox, to_norm)
     return velocity_norm, control
+
+
+def _velocity(v_vox: torch.Tensor, smoothing_sigma_vox: float, to_norm: torch.Tensor) -> torch.Tensor:
+    """The optimized parameters (voxel units, optionally Gaussian-smoothed) as a normalized velocity."""
+    smooth = gaussian_blur(v_vox, [smoothing_sigma_vox] * 3) if smoothing_sigma_vox > 0 else v_vox
+    return smooth * to_norm
 
 
 class SvfObjective(NamedTuple):
@@ -444,10 +266,11 @@ def svf_objective(
     fixed: torch.Tensor,
     moving: torch.Tensor,
     level_spacing: Sequence[float],
-    weight: torch.Tensor,
     lam: float,
+    weight_map: Optional[torch.Tensor] = None,
     similarity: str = "mse",
     *,
+    normalize_weight_map: bool = False,
     mask: Optional[torch.Tensor] = None,
     integration_steps: int = 5,
     jacobian_penalty: float = 1.0,
@@ -455,7 +278,7 @@ def svf_objective(
 ) -> SvfObjective:
     """Loss of one SVF iteration, shared by the optimizer and the network's test-time adaptation.
 
-    ``(1 - λ)·sim(fixed, moving ∘ exp(v)) + κ·mean_x w(x)|∇v|² + γ·mean(relu(-det J))``, with κ
+    ``(1 - λ)·sim(fixed, moving ∘ exp(v)) + λ·κ·mean_x λ(x)|∇v|² + γ·mean(relu(-det J)²)``, with κ
     :data:`REGULARIZATION_SCALE` of the similarity and the Jacobian of ``exp(v)`` on the velocity grid.
 
     Args:
@@ -463,9 +286,12 @@ def svf_objective(
         velocity_grid: grid of ``velocity`` (same extent as the level images).
         fixed, moving: (1, 1, Z, Y, X) level images (moving already affinely resampled), same extent.
         level_spacing: level voxel size in mm along (I, J, K) (LNCC window, NGF gradients).
-        weight: (1, 1, z, y, x) regularization weight per velocity voxel, λ included (λ·λ(x)).
-        lam: λ, weighting the similarity by ``1 - λ``.
-        similarity: a name of :data:`similarity.SIMILARITIES`.
+        lam: λ ∈ [0, 1], weighting the similarity by ``1 - λ`` and the regularization by ``λ``.
+        weight_map: optional (1, 1, z, y, x) spatially varying weight λ(x) per velocity voxel
+            (Chen et al.), not scaled by λ; None = 1 everywhere.
+        similarity: a name of :data:`common.SIMILARITIES`.
+        normalize_weight_map: use ``λ(x) / mean λ(x)`` instead of ``λ(x)``, so that the map only
+            redistributes the regularization and λ keeps its meaning (a network's predicted map).
         mask: optional (1, 1, Z, Y, X) similarity mask.
         integration_steps: scaling-and-squaring steps.
         jacobian_penalty: γ (0 = off).
@@ -474,7 +300,14 @@ def svf_objective(
     displacement = integrate_svf(velocity, integration_steps)
     warped = warp(moving, resize_field(displacement, fixed.shape[2:]))
     sim = similarity_loss(similarity, fixed, warped, mask, level_spacing, lncc_window_mm)
-    reg = weighted_diffusion(normalized_to_mm(velocity, velocity_grid), velocity_grid.spacing, weight)
+    velocity_mm = normalized_to_mm(velocity, velocity_grid)
+    if weight_map is None:
+        reg = lam * diffusion(velocity_mm, velocity_grid.spacing)
+    else:
+        weight = lam * weight_map
+        if normalize_weight_map:
+            weight = weight / weight_map.mean().clamp_min(1e-6)
+        reg = weighted_diffusion(velocity_mm, velocity_grid.spacing, weight)
     loss = (1.0 - lam) * sim + REGULARIZATION_SCALE[similarity] * reg
     if jacobian_penalty > 0:
         loss = loss + jacobian_penalty * negative_jacobian_penalty(
@@ -615,10 +448,9 @@ def _register_images(fixed, fixed_grid, moving, moving_grid, options, fixed_mask
 
     velocity, velocity_grid, displacement = None, None, None
     if deform_levels:
-        fixed_levels, mask_levels, lambda_levels = pyramid(deform_levels)
-        lam_levels = [float(opts.regularization_weight) * lam_l for lam_l in lambda_levels]
+        fixed_levels, mask_levels, weight_levels = pyramid(deform_levels)
         velocity, velocity_grid = _optimize_svf(
-            fixed_levels, mask_levels, lam_levels, moving_t, moving_grid, affine, opts, device, ticker, history
+            fixed_levels, mask_levels, weight_levels, moving_t, moving_grid, affine, opts, device, ticker, history
         )
         with torch.no_grad():
             displacement = resize_field(integrate_svf(velocity, opts.svf_steps), fixed_grid.shape)

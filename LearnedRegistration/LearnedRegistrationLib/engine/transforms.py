@@ -149,16 +149,20 @@ def resize_field(field: torch.Tensor, shape) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- frames
+def per_channel(values, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A (3,) vector along (I, J, K) = (x, y, z) as a (1, 3, 1, 1, 1) tensor that scales the
+    channels of an (N, 3, Z, Y, X) field, e.g. ``per_channel(grid.mm_per_normalized_unit(shape, spacing))``."""
+    return torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=dtype, device=device).view(1, 3, 1, 1, 1)
+
+
 def normalized_to_mm(displacement: torch.Tensor, grid: ImageGrid) -> torch.Tensor:
     """Normalized displacement (N, 3, Z, Y, X) -> mm along the grid's (I, J, K) axes, same shape."""
-    scale = torch.as_tensor(grid.normalized_unit_mm, dtype=displacement.dtype, device=displacement.device)
-    return displacement * scale.view(1, 3, 1, 1, 1)
+    return displacement * per_channel(grid.normalized_unit_mm, displacement.device, displacement.dtype)
 
 
 def mm_to_normalized(displacement_mm: torch.Tensor, grid: ImageGrid) -> torch.Tensor:
     """Inverse of :func:`normalized_to_mm`."""
-    scale = torch.as_tensor(grid.normalized_unit_mm, dtype=displacement_mm.dtype, device=displacement_mm.device)
-    return displacement_mm / scale.view(1, 3, 1, 1, 1)
+    return displacement_mm / per_channel(grid.normalized_unit_mm, displacement_mm.device, displacement_mm.dtype)
 
 
 def affine_theta(affine_ras: np.ndarray, target_grid: ImageGrid, source_grid: ImageGrid) -> np.ndarray:
@@ -229,7 +233,7 @@ class AxisAlignedResampler:
     @classmethod
     def between(
         cls, target_grid: ImageGrid, source_grid: ImageGrid, device=None, tolerance: float = 1e-6
-    ) -> Optional["AxisAlignedResampler"]:
+    ) -> Optional[AxisAlignedResampler]:
         """The resampler from fields on ``source_grid`` to ``target_grid`` (both RAS), or None if
         some source axis depends on more than one target axis (grids oblique to each other)."""
         theta = affine_theta(np.eye(4), target_grid, source_grid)  # (3, 4): target normalized -> source normalized

@@ -8,7 +8,7 @@ Example::
         --lambda-sweep 0.05,0.1,0.2,0.3,0.5,0.7,0.9       # metrics at 7 λ and lambda_sweep.png
 
 The inputs are loaded into a headless slicer-core scene as nodes and registered with
-:meth:`LearnedRegistrationLogic.register`, exactly as in Slicer. The output folder receives:
+:meth:`bridge.logic.RegistrationLogic.register`, exactly as in Slicer. The output folder receives:
 
 =====================  ===========================================================================
 warped.nrrd            moving image resampled on the fixed grid
@@ -30,7 +30,7 @@ lambda_sweep.json/png  with --lambda-sweep: the metrics at each λ, and Dice (or
 ``--method``: ``network`` (the shipped λ-conditioned network; a λ change costs a fraction of a
 second), ``network+adapt`` (the network after test-time adaptation on this pair), ``optimize``
 (instance optimization); the default is the most accurate method that is ready
-(:data:`logic.DEFAULT_METHOD`, today ``optimize``: see ``benchmarks/network.md``).
+(:data:`bridge.logic.DEFAULT_METHOD`, today ``optimize``: see ``benchmarks/network.md``).
 The files always hold the registration at ``--lambda``; a sweep only adds its own files.
 
 Everything is written into a temporary folder next to the output folder and moved into place at
@@ -42,15 +42,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from .similarity import SIMILARITIES
+from ..engine.common import SIMILARITIES, RegistrationCancelled
+from ..engine.metric_table import SWEEP_KEYS, summary
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="learnedreg",
         description="Deformable image registration with a user-controlled regularization weight (3D Slicer logic, headless).",
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -271,7 +274,7 @@ def _load_inputs(slicer_app, args) -> dict:
 
 def _demo_inputs(slicer_app, args):
     """Nodes of the built-in demo pair, and the pair itself (for the error against the truth)."""
-    from . import mrml
+    from ..bridge import mrml
     from .demo import make_demo_pair
 
     pair = make_demo_pair(size=args.demo_size, seed=args.demo_seed)
@@ -324,13 +327,12 @@ def parse_lambda_sweep(text: Optional[str]) -> list[float]:
 
 
 def _sweep_row(metrics: dict) -> dict:
-    keys = ("lambda", "dice_mean", "hd95_mean_mm", "tre_mean_mm", "folding_percent", "sdlogj", "runtime_s")
-    return {k: metrics[k] for k in keys if k in metrics}
+    return {k: metrics[k] for k in SWEEP_KEYS if k in metrics}
 
 
 def run_lambda_sweep(logic, outputs, lambdas: Sequence[float], register_again, staging: Path, method: str) -> list[dict]:
     """Metrics at each λ (network: the instant slider path; optimize: a new run each) and their plot."""
-    from .logic import jsonSafe
+    from ..bridge.logic import jsonSafe
     from .plots import plot_lambda_sweep
 
     rows = []
@@ -356,8 +358,8 @@ def run_register(args) -> dict:
     progress = _ProgressBar(not args.quiet)
     try:
         # Heavy imports only once the command line is known to be sound.
+        from ..bridge.logic import RegistrationLogic, jsonSafe
         from .headless import HeadlessSlicer
-        from .logic import LearnedRegistrationLogic, jsonSafe
 
         with _quiet_vtk_log(args.verbose), HeadlessSlicer(cacheDirectory=staging / ".cache") as slicer_app:
             demo = None
@@ -365,7 +367,7 @@ def run_register(args) -> dict:
                 nodes = _load_inputs(slicer_app, args)
             else:
                 nodes, demo, truth_node = _demo_inputs(slicer_app, args)
-            logic = LearnedRegistrationLogic()
+            logic = RegistrationLogic()
             options = dict(
                 similarity=args.similarity,
                 device=args.device,
@@ -382,8 +384,8 @@ def run_register(args) -> dict:
             progress.close()
             metrics = dict(outputs.metrics)
             if demo is not None:
-                from . import mrml
-                from .demo import displacement_error
+                from ..bridge import mrml
+                from ..engine.metrics import displacement_error
 
                 estimated, _ = mrml.displacementFromGridTransformNode(outputs.transformNode)
                 metrics.update(displacement_error(estimated, demo.true_displacement_ras, demo.fixed_labels > 0))
@@ -422,20 +424,7 @@ def run_register(args) -> dict:
 
 
 def _summary(metrics: dict) -> str:
-    parts = [str(metrics["method"])] if metrics.get("method") else []
-    for key, label, unit in (
-        ("dice_mean", "Dice", ""),
-        ("hd95_mean_mm", "HD95", " mm"),
-        ("tre_mean_mm", "TRE", " mm"),
-        ("displacement_error_mean_mm", "error vs truth", " mm"),
-        ("folding_percent", "folding", " %"),
-        ("sdlogj", "SDlogJ", ""),
-        ("runtime_s", "runtime", " s"),
-    ):
-        value = metrics.get(key)
-        if isinstance(value, (int, float)):
-            parts.append(f"{label} {value:.3f}{unit}")
-    return ", ".join(parts)
+    return ", ".join(part for part in (metrics.get("method"), summary(metrics)) if part)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -445,10 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command != "register":
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
-    try:
-        from .optimize import RegistrationCancelled
-    except ImportError as error:  # torch missing
-        print(f"learnedreg: error: {error}", file=sys.stderr)
+    if importlib.util.find_spec("torch") is None:
+        print("learnedreg: error: PyTorch is not installed (pip install torch)", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
         metrics = run_register(args)

@@ -8,7 +8,8 @@ their values in RAS. Pure functions; no state.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 

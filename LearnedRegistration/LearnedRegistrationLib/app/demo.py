@@ -4,7 +4,7 @@
 random intensity per label, light blur and noise) and a moving image made by deforming it with a
 seeded smooth, invertible displacement. The true *resampling* displacement (RAS mm, fixed grid,
 ``moving(x + d(x)) = fixed(x)``) is returned with it, so a registration can be scored against
-the truth with :func:`displacement_error`.
+the truth with :func:`engine.metrics.displacement_error`.
 
 Pure numpy/scipy; no data files, no Slicer.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .grid import ImageGrid
+from ..engine.grid import ImageGrid
 
 #: Label values and names of the phantom, outermost first.
 DEMO_LABEL_NAMES = {1: "skin", 2: "tissue", 3: "left structure", 4: "right structure", 5: "core", 6: "lesion"}
@@ -202,39 +202,3 @@ def make_demo_pair(
         true_displacement_ras=true_displacement.astype(np.float32),
         label_names=dict(DEMO_LABEL_NAMES),
     )
-
-
-def displacement_error(
-    estimated_ras: np.ndarray, true_ras: np.ndarray, mask: np.ndarray | None = None
-) -> dict[str, float]:
-    """Error of an estimated displacement against the true one, in mm.
-
-    Args:
-        estimated_ras, true_ras: (Z, Y, X, 3) RAS mm displacements on the same grid and convention.
-        mask: optional (Z, Y, X); only voxels > 0 count (the demo uses the phantom's foreground,
-            where the images carry information).
-
-    Returns:
-        ``{"displacement_error_mean_mm", "displacement_error_p95_mm", "true_displacement_mean_mm"}``.
-
-    Raises:
-        ValueError: shape mismatch or an empty mask.
-    """
-    estimated_ras = np.asarray(estimated_ras, dtype=np.float64)
-    true_ras = np.asarray(true_ras, dtype=np.float64)
-    if estimated_ras.shape != true_ras.shape or estimated_ras.shape[-1:] != (3,):
-        raise ValueError(
-            f"displacement_error() needs two (Z, Y, X, 3) fields of one shape, got {estimated_ras.shape} and {true_ras.shape}"
-        )
-    error = np.linalg.norm(estimated_ras - true_ras, axis=-1)
-    magnitude = np.linalg.norm(true_ras, axis=-1)
-    if mask is not None:
-        selected = np.asarray(mask) > 0
-        if not selected.any():
-            raise ValueError("displacement_error() mask is empty")
-        error, magnitude = error[selected], magnitude[selected]
-    return {
-        "displacement_error_mean_mm": float(error.mean()),
-        "displacement_error_p95_mm": float(np.percentile(error, 95)),
-        "true_displacement_mean_mm": float(magnitude.mean()),
-    }

@@ -101,7 +101,7 @@ class HeadlessSlicer:
         if self._removeCache is not None:
             self._removeCache()
 
-    def __enter__(self) -> "HeadlessSlicer":
+    def __enter__(self) -> HeadlessSlicer:
         return self
 
     def __exit__(self, *exc) -> None:

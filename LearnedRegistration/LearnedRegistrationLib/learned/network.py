@@ -5,15 +5,15 @@ Given a fixed and a moving image on the same grid and the user's regularization 
 1 = no deformation), the network predicts
 
 - a **stationary velocity field** ``v: (N, 3, Z, Y, X)`` in the *input grid's* normalized units,
-  channels (x, y, z) = (I, J, K) (see :mod:`grid`), integrated by scaling and squaring
-  (:func:`transforms.integrate_svf`) into the resampling displacement ``u = exp(v)``:
+  channels (x, y, z) = (I, J, K) (see :mod:`engine.grid`), integrated by scaling and squaring
+  (:func:`engine.transforms.integrate_svf`) into the resampling displacement ``u = exp(v)``:
   ``warped(p) = moving(p + u(p))`` in the fixed grid's normalized coordinates;
 - a **spatially varying regularization weight map** ``λ(x): (N, 1, Z, Y, X)`` in (0, 1) (sigmoid),
   from a second head on the same decoder features (Chen et al., "Unsupervised learning of
   spatially varying regularization for diffeomorphic image registration", MedIA 2025 / arXiv
   2412.17982). Training weighs the diffusion of ``v`` voxel by voxel with it
-  (:func:`regularization.weighted_diffusion`) under a Beta prior
-  (:func:`regularization.beta_prior_nll`).
+  (:func:`engine.regularization.weighted_diffusion`) under a Beta prior
+  (:func:`engine.regularization.beta_prior_nll`).
 
 Conditioning on λ: **conditional instance normalization** (CIN, Mok & Chung, "Conditional
 deformable image registration with convolutional neural network", MICCAI 2021, cLapIRN), i.e.
@@ -45,15 +45,17 @@ so callers never see the padding.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .grid import ALIGN_CORNERS
-from .transforms import integrate_svf
+from ..engine.grid import ALIGN_CORNERS, mm_per_normalized_unit
+from ..engine.transforms import integrate_svf, per_channel
 
 #: Bump when the architecture changes in a way old checkpoints cannot load into.
 ARCHITECTURE_VERSION = 2
@@ -125,7 +127,7 @@ class NetworkConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NetworkConfig":
+    def from_dict(cls, d: dict) -> NetworkConfig:
         """Inverse of :meth:`to_dict`.
 
         Raises:
@@ -197,15 +199,15 @@ def crop_padding(x: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
 def rescale_normalized_field(field: torch.Tensor, from_shape: Sequence[int], to_shape: Sequence[int]) -> torch.Tensor:
     """Convert a normalized vector field between two grids of equal spacing but different extent.
 
-    With ``align_corners=True`` one normalized unit along an axis of ``n`` voxels is ``(n - 1) / 2``
-    voxels, so a displacement of ``d`` units on a grid of ``from_shape`` is
-    ``d * (n_from - 1) / (n_to - 1)`` units on a grid of ``to_shape`` (same voxel size, e.g. a padded
-    and a cropped grid). ``field: (N, 3, Z, Y, X)``, channels (x, y, z); shapes are (Z, Y, X).
+    A displacement of ``d`` normalized units on a grid of ``from_shape`` is ``d * s_from / s_to`` units
+    on a grid of ``to_shape`` with the same voxel size (e.g. a padded and a cropped grid), ``s`` the
+    voxels per normalized unit (:func:`grid.mm_per_normalized_unit`). ``field: (N, 3, Z, Y, X)``,
+    channels (x, y, z); shapes are (Z, Y, X); an axis of one voxel counts as two.
     """
     if field.dim() != 5 or field.shape[1] != 3:
         raise ValueError(f"rescale_normalized_field() 'field' must be (N, 3, Z, Y, X), got {tuple(field.shape)}")
-    scale = [(max(int(f), 2) - 1) / (max(int(t), 2) - 1) for f, t in zip(reversed(from_shape), reversed(to_shape))]
-    return field * torch.tensor(scale, dtype=field.dtype, device=field.device).view(1, 3, 1, 1, 1)
+    scale = mm_per_normalized_unit(np.maximum(from_shape, 2)) / mm_per_normalized_unit(np.maximum(to_shape, 2))
+    return field * per_channel(scale, field.device, field.dtype)
 
 
 # --------------------------------------------------------------------------------- layers

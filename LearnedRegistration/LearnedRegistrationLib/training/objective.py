@@ -10,25 +10,27 @@ For a synthesized pair (:mod:`synthesis`) and a λ drawn per pair (:func:`sample
   unbiased estimate of the full-grid Dice at ``1 / stride³`` of the cost of warping ~30 one-hot
   channels, which otherwise dominates a CPU training step);
 - ``v`` the predicted velocity in mm along the grid axes, ``|∇v|²`` per mm² summed over components
-  and directions (:func:`regularization.weighted_diffusion`), weighted per voxel by the predicted
+  and directions (:func:`engine.regularization.weighted_diffusion`), weighted per voxel by the predicted
   map λ(x) (Chen et al., spatially varying regularization), by default divided by its image mean
   (:attr:`LossConfig.normalize_weight_map`), κ a fixed calibration;
-- a Beta(α, β) prior on λ(x) (:func:`regularization.beta_prior_nll`) that keeps the map away from
+- a Beta(α, β) prior on λ(x) (:func:`engine.regularization.beta_prior_nll`) that keeps the map away from
   the trivial 0 (no regularization anywhere);
 - λ ∈ [0, 1] the HyperMorph weight (Hoopes et al., IPMI 2021), sampled with extra mass at both ends.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
-from .network import NetworkOutput, RegistrationNetwork
-from .regularization import beta_prior_nll, weighted_diffusion
+from ..engine.grid import mm_per_normalized_unit
+from ..engine.regularization import beta_prior_nll, weighted_diffusion
+from ..engine.transforms import grid_sample, identity_grid, per_channel
+from ..learned.network import NetworkOutput, RegistrationNetwork
 from .synthesis import SynthesizedPair, one_hot
-from .transforms import grid_sample, identity_grid
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,8 @@ def registration_loss(
     moving_onehot = one_hot(pair.moving_labels, label_values)
     warped = warped_labels_at(moving_onehot, output.displacement, stride, (oz, oy, ox))
     dice = soft_dice(warped, fixed_onehot)  # (N,)
-    shape = output.velocity.shape[2:]
-    unit = torch.tensor([spacing_mm * (n - 1) / 2.0 for n in reversed(shape)], device=lam.device, dtype=output.velocity.dtype)
-    velocity_mm = output.velocity * unit.view(1, 3, 1, 1, 1)
+    unit = per_channel(mm_per_normalized_unit(output.velocity.shape[2:], spacing_mm), lam.device, output.velocity.dtype)
+    velocity_mm = output.velocity * unit
     spacing = (spacing_mm,) * 3
     weight = output.weight_map
     if config.normalize_weight_map:

@@ -1,7 +1,7 @@
 """Reading and writing volumes with SimpleITK, converting LPS geometry through :class:`grid.ImageGrid`.
 
 Used by the scripts and tests that work without an MRML scene; the Slicer side goes through
-:mod:`mrml`. Arrays are (Z, Y, X) = KJI, as SimpleITK's ``GetArrayFromImage`` returns them.
+:mod:`bridge.mrml`. Arrays are (Z, Y, X) = KJI, as SimpleITK's ``GetArrayFromImage`` returns them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,225 @@
+"""What the optimizer, the network path and the logic share: options, result, cancellation, input checks.
+
+:class:`RegistrationOptions` and :class:`RegistrationResult` are the contract between the engine and
+its callers (the MRML logic, the network path, the scripts); :func:`validate_volume`,
+:func:`normalize_intensity` and :func:`match_histogram` prepare the images the same way for every
+method; :func:`choose_device` picks where torch runs.
+
+This module imports neither torch nor SimpleITK at import time (they are imported where they are
+used), so the Slicer panel and the logic can use its types and defaults before PyTorch is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from .grid import ImageGrid
+
+if TYPE_CHECKING:
+    import torch
+
+#: Names of the similarity measures (:func:`similarity.similarity_loss`).
+SIMILARITIES = ("mse", "lncc", "ncc", "ngf", "mi")
+
+#: Default regularization weight λ (slider position) for the optimizer path.
+DEFAULT_LAMBDA = 0.25
+
+INITIALIZATIONS = ("com", "moments", "none")
+AFFINE_MODELS = ("affine", "rigid", "none")
+
+#: ``progress(fraction in [0, 1], message)``, called as the work advances.
+ProgressCallback = Callable[[float, str], None]
+#: ``cancel() -> True`` to stop; polled at every iteration.
+CancelCallback = Callable[[], bool]
+
+
+class RegistrationCancelled(RuntimeError):
+    """Raised when a ``cancel`` callable returned True (:func:`optimize.register_images`, the network's
+    test-time adaptation); nothing the call was computing is kept."""
+
+
+@dataclass
+class RegistrationOptions:
+    """Settings of :func:`optimize.register_images` (the network path uses its initialization and affine stage).
+
+    Attributes:
+        similarity: "mse" (default; same contrast, robustly normalized intensities), "lncc"
+            (same modality, varying contrast), "ncc", "ngf" or "mi" (multi-modal).
+        regularization_weight: λ in [0, 1], the HyperMorph weight (0 = similarity only, 1 = no
+            deformation; the loss is in :mod:`optimize`).
+        initialization: "com", "moments" or "none".
+        affine_model: "affine", "rigid" or "none" (keep the initialization).
+        affine_spacings_mm / affine_iterations: pyramid of the affine stage.
+        deformable_spacings_mm / deformable_iterations: pyramid of the SVF stage (coarse to fine);
+            an empty tuple skips the deformable stage.
+        iteration_scale: multiplies every iteration count (``0.25`` for a quick preview).
+        lncc_window_mm: LNCC window edge in mm.
+        svf_steps: scaling-and-squaring steps.
+        learning_rate_vox: Adam step of the velocity, in voxels of the current level.
+        smoothing_sigma_vox: Gaussian smoothing of the velocity parameters each iteration (a
+            preconditioner in the manner of ConvexAdam's instance optimization).
+        control_spacing_factor: the velocity of each level lives on a grid this many times
+            coarser than the level (1 = same grid).
+        jacobian_penalty: γ, weight of the penalty on non-positive Jacobian determinants.
+        histogram_matching: with "mse", map the moving intensities onto the fixed image's
+            histogram first (Nyúl & Udupa style quantile matching, SimpleITK), as demons does;
+            other similarities are insensitive to such changes and skip it.
+        device: "cpu", "cuda", "cuda:N" or None (automatic).
+        seed: torch seed (the optimization itself is deterministic on CPU).
+    """
+
+    similarity: str = "mse"
+    regularization_weight: float = DEFAULT_LAMBDA
+    initialization: str = "com"
+    affine_model: str = "affine"
+    affine_spacings_mm: Sequence[float] = (8.0, 4.0)
+    affine_iterations: Sequence[int] = (60, 40)
+    deformable_spacings_mm: Sequence[float] = (4.0, 2.0)
+    deformable_iterations: Sequence[int] = (100, 40)
+    iteration_scale: float = 1.0
+    lncc_window_mm: float = 9.0
+    svf_steps: int = 5
+    learning_rate_vox: float = 0.5
+    smoothing_sigma_vox: float = 0.0
+    control_spacing_factor: float = 2.0
+    jacobian_penalty: float = 1.0
+    histogram_matching: bool = True
+    device: Optional[str] = None
+    seed: int = 0
+
+    def validated(self) -> RegistrationOptions:
+        """Return self after checking every field.
+
+        Raises:
+            ValueError: naming the first bad field and what it accepts.
+        """
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+        lam = float(self.regularization_weight)
+        if not (0.0 <= lam <= 1.0) or math.isnan(lam):
+            raise ValueError(f"regularization weight λ must be in [0, 1], got {self.regularization_weight}")
+        if self.initialization not in INITIALIZATIONS:
+            raise ValueError(f"initialization must be one of {', '.join(INITIALIZATIONS)}, got {self.initialization!r}")
+        if self.affine_model not in AFFINE_MODELS:
+            raise ValueError(f"affine_model must be one of {', '.join(AFFINE_MODELS)}, got {self.affine_model!r}")
+        if len(self.affine_spacings_mm) != len(self.affine_iterations):
+            raise ValueError("affine_spacings_mm and affine_iterations must have the same length")
+        if len(self.deformable_spacings_mm) != len(self.deformable_iterations):
+            raise ValueError("deformable_spacings_mm and deformable_iterations must have the same length")
+        if any(s <= 0 for s in (*self.affine_spacings_mm, *self.deformable_spacings_mm)):
+            raise ValueError("pyramid spacings must be positive (mm)")
+        if self.iteration_scale <= 0:
+            raise ValueError(f"iteration_scale must be positive, got {self.iteration_scale}")
+        return self
+
+
+@dataclass
+class RegistrationResult:
+    """A registration at one λ (:func:`optimize.register_images`, the network's ``predict``); arrays are
+    numpy on the CPU, on the fixed grid.
+
+    Attributes:
+        fixed_grid: geometry of every array below.
+        warped: (Z, Y, X) float32, the moving image resampled into the fixed grid.
+        displacement_ras: (Z, Y, X, 3) float32, RAS mm, resampling ("from parent") convention:
+            the moving point matching fixed point ``x`` is ``x + d(x)`` (affine included).
+        jacobian: (Z, Y, X) float32, ``det(I + dd/dx)``.
+        lambda_map: (Z, Y, X) float32, the regularization weight used at each voxel (λ · λ(x)).
+        affine_ras: (4, 4) resampling affine (fixed RAS -> moving RAS) found before the SVF.
+        velocity: (1, 3, Z', Y', X') stationary velocity on ``velocity_grid``, normalized units.
+        velocity_grid: grid of ``velocity`` (the finest deformable level), or None.
+        runtime_s: wall time of the call in seconds.
+        device: the torch device used.
+        regularization_weight: λ.
+        similarity: similarity name.
+        history: final loss and elapsed time (s) of each stage.
+    """
+
+    fixed_grid: ImageGrid
+    warped: np.ndarray
+    displacement_ras: np.ndarray
+    jacobian: np.ndarray
+    lambda_map: np.ndarray
+    affine_ras: np.ndarray
+    velocity: Optional[torch.Tensor]
+    velocity_grid: Optional[ImageGrid]
+    runtime_s: float
+    device: str
+    regularization_weight: float
+    similarity: str
+    history: dict[str, float] = field(default_factory=dict)
+
+
+def choose_device(requested: Optional[str] = None) -> torch.device:
+    """The torch device to run on: ``requested``, or CUDA when available, else CPU.
+
+    Raises:
+        ValueError: when CUDA is requested but not available, or the name is not a device.
+    """
+    import torch
+
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {requested!r}; use 'cpu', 'cuda' or leave it automatic") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use 'cpu' or automatic")
+    return device
+
+
+def validate_volume(name: str, image: np.ndarray, grid: ImageGrid) -> np.ndarray:
+    """Check a (Z, Y, X) volume against its grid and return it as float32.
+
+    Raises:
+        ValueError: for a 2D (single-slice) or non-3D array, a shape that does not match the grid,
+            NaN or infinite values, or an empty (constant) volume.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or min(image.shape) < 2:
+        raise ValueError(
+            f"the {name} image must be a 3D volume with at least 2 voxels along each axis, got shape {image.shape}; "
+            "2D images are not supported"
+        )
+    if image.shape != grid.shape:
+        raise ValueError(f"the {name} image has shape {image.shape} but its geometry says {grid.shape}")
+    image = image.astype(np.float32, copy=False)
+    if not np.isfinite(image).all():
+        raise ValueError(f"the {name} image contains NaN or infinite values; fix or mask them before registering")
+    if float(image.max()) == float(image.min()):
+        raise ValueError(f"the {name} image is empty: every voxel equals {float(image.min())}")
+    return image
+
+
+def normalize_intensity(image: np.ndarray) -> np.ndarray:
+    """Robust rescale to about [0, 1] (0.5th-99.5th percentile), so losses and κ have a known scale."""
+    sample = image.reshape(-1)[:: max(1, image.size // 2_000_000)]
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(image.min()), float(image.max())
+    return np.clip((image - lo) / (hi - lo), -0.5, 1.5).astype(np.float32)
+
+
+def match_histogram(moving: np.ndarray, fixed: np.ndarray, levels: int = 256, match_points: int = 15) -> np.ndarray:
+    """Moving intensities mapped onto the fixed image's histogram (SimpleITK ``HistogramMatching``).
+
+    Voxels at or below each image's mean are treated as background and excluded from the
+    quantiles (``ThresholdAtMeanIntensity``), so large empty regions do not dominate. Geometry is
+    irrelevant here: only intensities change. Returns a (Z, Y, X) float32 array.
+    """
+    import SimpleITK as sitk
+
+    matched = sitk.HistogramMatching(
+        sitk.GetImageFromArray(moving.astype(np.float32)),
+        sitk.GetImageFromArray(fixed.astype(np.float32)),
+        numberOfHistogramLevels=levels,
+        numberOfMatchPoints=match_points,
+        thresholdAtMeanIntensity=True,
+    )
+    return sitk.GetArrayFromImage(matched).astype(np.float32)
