@@ -112,3 +112,12 @@ def random_network(config, seed: int = 0):
             elif name in ("velocity_head.weight", "weight_head.weight"):
                 p.normal_(0.0, 0.05)
     return net
+
+
+def process_alive(pid: int) -> bool:
+    """True while a process with this id exists (POSIX; a zombie that nobody waited for counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -2,14 +2,15 @@
 
 Two levels:
 
-1. The three-step sequence the panel uses (``prepareRegistration`` on the main thread,
-   ``computeRegistration`` in a worker thread through ``tasks.BackgroundTask``, ``writeOutputs``
-   on the main thread), then a second λ that reuses the output nodes.
+1. The three-step sequence the panel uses (``prepareRegistration`` on the main thread, the
+   computation in a child process through ``jobs.startJob``, ``writeOutputs`` on the main
+   thread), then a second λ that reuses the output nodes.
 2. The module file itself (``LearnedRegistration.py``: parameter node, widget state machine,
    Slicer logic), loaded with small stand-ins for what only the desktop application provides
    (``qt``, ``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper``, ``slicer.i18n``).
-   The widget runs its real code paths: Apply, the polling timer, the debounced λ re-run,
-   the "Show" choice, Cancel and the λ sweep. Only the .ui widgets are replaced by plain objects.
+   The widget runs its real code paths, with real child processes: Apply, the polling timer, the
+   debounced λ re-run, the instant λ update of a network method, the "Show" choice, Cancel and
+   the λ sweep. Only the .ui widgets are replaced by plain objects.
 
 Registrations use tiny volumes and a reduced iteration budget: they check the plumbing, not the
 registration quality (the engine tests do that).
@@ -33,9 +34,9 @@ from vtk.util import numpy_support
 import slicer
 
 from LearnedRegistrationLib.app.headless import HeadlessSlicer
-from LearnedRegistrationLib.bridge import mrml
+from LearnedRegistrationLib.bridge import jobs, mrml
 from LearnedRegistrationLib.bridge.logic import RegistrationLogic, RegistrationOutputNodes
-from LearnedRegistrationLib.bridge.tasks import BackgroundTask, LatestRequestDebouncer, TaskState
+from LearnedRegistrationLib.bridge.tasks import LatestRequestDebouncer, TaskState
 from LearnedRegistrationLib.engine.common import RegistrationCancelled
 from LearnedRegistrationLib.engine.grid import ImageGrid
 
@@ -85,7 +86,7 @@ def headless():
 # ------------------------------------------------------------------------------ the three steps
 
 
-def test_three_steps_in_a_worker_then_a_second_lambda_reuses_the_nodes(headless):
+def test_three_steps_with_a_child_process_then_a_second_lambda_reuses_the_nodes(headless):
     scene = headless.scene
     fixed, moving = _addPhantomPair(scene)
     logic = RegistrationLogic()
@@ -95,12 +96,10 @@ def test_three_steps_in_a_worker_then_a_second_lambda_reuses_the_nodes(headless)
                                             regularizationWeight=regularizationWeight, **FAST)
         progressSeen = []
 
-        def compute(progress, cancelRequested):
-            return logic.computeRegistration(request, progressCallback=progress, cancelRequested=cancelRequested)
-
-        task = BackgroundTask(compute, cancelled_exceptions=(RegistrationCancelled,)).start()
-        while not task.wait(0.05):
+        task = jobs.startJob(request).start()  # a child process, as in the panel
+        while not task.finished:
             progressSeen += task.poll()
+            time.sleep(0.02)
         progressSeen += task.poll()
         assert task.state is TaskState.SUCCEEDED, task.exception
         assert progressSeen and progressSeen[-1].fraction == pytest.approx(1.0)
@@ -483,3 +482,94 @@ def test_module_self_test_passes(module):
     """The module's own self-test (what Slicer's ctest runs) passes on slicer-core."""
     selfTest = module.LearnedRegistrationTest()
     selfTest.runTest()  # raises AssertionError on any failed check
+
+
+def test_self_test_skips_with_a_message_without_torch(module, monkeypatch):
+    """On the Extensions build factory torch is absent: the self-test is skipped and says why."""
+    findSpec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "torch" else findSpec(name, *args))
+    result = unittest.TestResult()
+    module.LearnedRegistrationTest("runTest").run(result)
+    assert result.wasSuccessful() and len(result.skipped) == 1 and result.testsRun == 1
+    assert "PyTorch is not installed" in result.skipped[0][1]
+
+
+def _forbidden(name):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran on the main thread")
+
+    return fail
+
+
+def test_widget_never_computes_on_the_main_thread_and_defers_lambda_during_a_run(module, headless, monkeypatch):
+    """Every registration of the panel runs in a child process; the only torch work left on the main
+    thread is the λ update of a network already in memory, which waits while a job runs and is
+    throttled while the slider moves, ending on the last value."""
+    from LearnedRegistrationLib.bridge import compute, logic
+    from LearnedRegistrationLib.engine import optimize
+    from LearnedRegistrationLib.learned import network, predict
+
+    for owner, name in ((compute, "computeRegistration"), (compute, "computeSweep"), (compute, "networkSession"),
+                        (logic, "computeRegistration"), (jobs, "computeRegistration"), (jobs, "computeSweep"),
+                        (module, "computeSweep"), (optimize, "register_images"), (predict, "register_with_network"),
+                        (network.RegistrationNetwork, "encode"), (predict.NetworkRegistration, "adapt")):
+        monkeypatch.setattr(owner, name, _forbidden(f"{getattr(owner, '__name__', owner)}.{name}"))
+    predictions = []
+    predictOriginal = predict.NetworkRegistration.predict
+
+    def recordingPredict(session, lam):
+        callers = {frame.function for frame in inspect.stack()[1:8]}
+        assert "setRegularization" in callers, f"a prediction outside the λ update: {callers}"
+        predictions.append(lam)
+        return predictOriginal(session, lam)
+
+    monkeypatch.setattr(predict.NetworkRegistration, "predict", recordingPredict)
+
+    fixed, moving = _addPhantomPair(headless.scene)
+    widget, clock = _makeWidget(module)
+    parameterNode = widget._parameterNode
+    parameterNode.movingVolume = moving
+    parameterNode.device = module.ComputeDevice.CPU
+    parameterNode.method = module.RegistrationMethod.NETWORK
+    parameterNode.regularizationWeight = 0.3
+
+    widget.onApplyButton()  # optimize-free: the network method, in a child process
+    _pollUntilIdle(widget)
+    assert not module.errors, module.errors
+    assert widget.logic.canSetRegularizationInstantly() and predictions == []
+    warped = parameterNode.warpedVolume
+
+    # Slider drag: throttled, and the last value always wins.
+    widget._lastInstantUpdate = -1e9
+    for value in (0.4, 0.5, 0.6):
+        parameterNode.regularizationWeight = value
+    _pollUntilIdle(widget)
+    assert predictions[-1] == 0.6 and len(predictions) <= 2
+    assert parameterNode.warpedVolume is warped  # same nodes, updated in place
+    assert widget.ui.metricsTableWidget.items[module.EVALUATION_KEYS.index("lambda"), 1] == "0.60"
+
+    # A λ change while a job runs waits for it, then applies the latest value.
+    predictions.clear()
+    widget.onApplyButton()
+    assert widget._activeRun is not None
+    parameterNode.regularizationWeight = 0.7
+    parameterNode.regularizationWeight = 0.8
+    widget._onPollTimer()
+    if widget._activeRun is not None:  # still running: nothing was predicted yet
+        assert predictions == [] and widget._instantLambda.pending == 0.8
+    _pollUntilIdle(widget)
+    assert not module.errors, module.errors
+    assert predictions == [0.8]
+    assert widget.ui.metricsTableWidget.items[module.EVALUATION_KEYS.index("lambda"), 1] == "0.80"
+
+    # The optimizer's λ change is a new background registration, never a computation here.
+    parameterNode.method = module.RegistrationMethod.OPTIMIZE
+    parameterNode.iterationScale = FAST["iterationScale"]
+    parameterNode.workingSpacingMm = FAST["workingSpacingMm"]
+    widget.onApplyButton()
+    _pollUntilIdle(widget)
+    parameterNode.regularizationWeight = 0.2
+    clock.now += widget.LAMBDA_DEBOUNCE_S + 0.01
+    _pollUntilIdle(widget)
+    assert not module.errors, module.errors
+    assert widget.ui.metricsTableWidget.items[module.EVALUATION_KEYS.index("lambda"), 1] == "0.20"

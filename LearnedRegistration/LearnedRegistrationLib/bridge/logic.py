@@ -1,12 +1,13 @@
-"""Registration logic shared by the Slicer panel, the Slicer Python console and the command line.
+"""Registration logic on MRML nodes, shared by the Slicer panel, the Slicer Python console and the command line.
 
-Three steps, so that the long one can run off the GUI thread::
+Three steps, so that the long one can run away from Slicer's main thread::
 
     request = logic.prepareRegistration(fixedNode, movingNode, regularizationWeight=0.3)  # main thread
-    computed = logic.computeRegistration(request, progressCallback, cancelRequested)    # any thread
+    computed = logic.computeRegistration(request, progressCallback, cancelRequested)    # anywhere
     outputs = logic.writeOutputs(request, computed, outputs)                             # main thread
 
-or in one call, ``logic.register(fixedNode, movingNode, regularizationWeight=0.3)``.
+or in one call, ``logic.register(fixedNode, movingNode, regularizationWeight=0.3)``. The Slicer
+panel runs the middle step in a separate process (:mod:`jobs`, :mod:`tasks`).
 
 Methods (``method=`` of ``prepareRegistration``): ``"optimize"`` (instance optimization,
 :mod:`engine.optimize`), ``"network"`` (the shipped λ-conditioned network, :mod:`learned.predict`) and
@@ -15,14 +16,14 @@ registration has been written, ``logic.setRegularization(lam)`` re-evaluates the
 in memory at a new λ and updates the same output nodes in place (the interactive slider).
 
 ``prepareRegistration`` reads the nodes into numpy arrays with their geometry (world RAS, see
-:mod:`.mrml`) and checks them; ``computeRegistration`` touches no MRML (engine, label warping,
-metrics, checkerboard); ``writeOutputs`` creates the missing output nodes and updates the given
-ones in place, all or nothing.
+:mod:`.mrml`) and checks them, without torch; ``computeRegistration`` (:mod:`compute`) touches no
+MRML (engine, label warping, metrics, checkerboard); ``writeOutputs`` creates the missing output
+nodes and updates the given ones in place, all or nothing.
 
 :class:`RegistrationLogic` is a plain class (no Qt, no ``ScriptedLoadableModuleLogic``, which
 slicer-core lacks), used as it is by the command line and the tests; the Slicer module's
-``RegistrationLogic`` adds the parameter node, the views and the λ-sweep table to it.
-torch is imported only inside the methods that compute, so the Slicer module loads (and offers to
+``LearnedRegistrationLogic`` adds the parameter node, the views and the λ-sweep table to it.
+torch is imported only where something is computed, so the Slicer module loads (and offers to
 install PyTorch) without it.
 """
 
@@ -32,7 +33,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
@@ -40,34 +40,39 @@ import vtk
 
 import slicer
 
-from ..engine.common import (
-    DEFAULT_LAMBDA,
-    CancelCallback,
-    ProgressCallback,
-    RegistrationOptions,
-    RegistrationResult,
-)
+from ..engine.common import DEFAULT_LAMBDA, CancelCallback, ProgressCallback, RegistrationOptions
 from ..engine.grid import ImageGrid
 from . import mrml
+from .compute import (
+    DEFAULT_METHOD,
+    METHODS,
+    ComputedRegistration,
+    NetworkCache,
+    RegistrationRequest,
+    computeRegistration,
+    deriveOutputs,
+    jsonSafe,
+    loadNetwork,
+)
 
 if TYPE_CHECKING:  # torch-dependent types, imported where they are used
     from ..learned.network import RegistrationNetwork
     from ..learned.predict import NetworkRegistration
 
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "METRICS_ATTRIBUTE",
+    "ComputedRegistration",
+    "RegistrationLogic",
+    "RegistrationOutputNodes",
+    "RegistrationRequest",
+    "jsonSafe",
+]
+
 
 #: Node attribute holding the metrics (JSON) on the output transform node, kept in saved scenes.
 METRICS_ATTRIBUTE = "LearnedRegistration.metrics"
-
-#: Registration methods, fastest first.
-METHODS = ("network", "network+adapt", "optimize")
-
-
-#: The default method: the most accurate one that is ready. Measured on the OASIS pair
-#: (benchmarks/network.md), the shipped network, trained for under an hour on 2 CPU cores, is not
-#: yet as accurate as instance optimization, so "optimize" stays the default until a network
-#: trained longer beats it; the network methods are there to choose (instant λ slider).
-DEFAULT_METHOD = "optimize"
-
 
 @dataclass
 class RegistrationOutputNodes:
@@ -98,72 +103,6 @@ class RegistrationOutputNodes:
     metrics: dict = field(default_factory=dict)
 
 
-@dataclass
-class RegistrationRequest:
-    """Everything :meth:`RegistrationLogic.computeRegistration` needs, as numpy arrays.
-
-    Arrays are (Z, Y, X) on their grid (world RAS mm); points are (P, 3) RAS mm.
-    ``scene`` and the node IDs are only used by ``writeOutputs`` (on the main thread).
-    """
-
-    fixed: np.ndarray
-    fixedGrid: ImageGrid
-    moving: np.ndarray
-    movingGrid: ImageGrid
-    options: RegistrationOptions
-    fixedMask: Optional[np.ndarray] = None
-    lambdaMap: Optional[np.ndarray] = None
-    fixedLabels: Optional[np.ndarray] = None
-    movingLabels: Optional[np.ndarray] = None
-    labelNames: Optional[list[str]] = None  # names of label values 1..N when labels came from segmentations
-    movingLabelsAreSegmentation: bool = False
-    evaluationLabels: Optional[list[int]] = None
-    fixedPoints: Optional[np.ndarray] = None
-    movingPoints: Optional[np.ndarray] = None
-    method: str = "optimize"
-    modelPath: Optional[str] = None  # network weights (None = the shipped ones)
-    adaptationSteps: int = 0
-    scene: Optional[slicer.vtkMRMLScene] = None
-    fixedVolumeNodeID: str = ""
-    movingVolumeNodeID: str = ""
-    outputBaseName: str = "Registered"
-    checkerboardSquareMm: float = 20.0
-
-
-@dataclass
-class ComputedRegistration:
-    """What :meth:`RegistrationLogic.computeRegistration` produced (numpy, on the fixed grid).
-
-    Attributes:
-        result: the engine's :class:`engine.common.RegistrationResult` (warped, displacement_ras, jacobian,
-            lambda_map, affine_ras, runtime_s, device, regularization_weight ...).
-        checkerboard, difference: (Z, Y, X) float32 (see :mod:`engine.visualization`).
-        warpedLabels: (Z, Y, X) int32 moving labels warped with nearest neighbour, or None.
-        metrics: dict with ``folding_percent``, ``sdlogj``, ``runtime_s``, ``device``, ``lambda``,
-            ``similarity`` and, when labels were given, ``dice_mean``, ``dice_per_label``,
-            ``dice_mean_initial`` (labels resampled without deformation), ``hd95_mean_mm``,
-            ``hd95_per_label_mm``; with landmarks ``tre_mean_mm``, ``tre_max_mm``,
-            ``tre_initial_mean_mm``.
-    """
-
-    result: RegistrationResult
-    checkerboard: np.ndarray
-    difference: np.ndarray
-    warpedLabels: Optional[np.ndarray]
-    metrics: dict
-    session: Optional[NetworkRegistration] = None  # network methods: re-evaluated by setRegularization
-
-
-def _finiteMean(values) -> Optional[float]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
-
-
-def _jsonNumber(value: float) -> Optional[float]:
-    """JSON has no inf/NaN: such values become None (null)."""
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
 class RegistrationLogic:
     """Deformable registration of MRML volume nodes (see the module docstring for the three steps).
 
@@ -175,7 +114,7 @@ class RegistrationLogic:
     """
 
     def __init__(self) -> None:
-        self._networks: dict[tuple[str, int], tuple[RegistrationNetwork, dict]] = {}  # (file, mtime) -> loaded
+        self._networks: NetworkCache = {}
         # (request, session, outputs) of the last network registration written, for setRegularization
         self._interactive: Optional[tuple[RegistrationRequest, NetworkRegistration, RegistrationOutputNodes]] = None
 
@@ -236,7 +175,7 @@ class RegistrationLogic:
                 its image, landmark lists of different lengths, bad option values, an unknown
                 method, or a λ map with a network method (the network predicts its own λ(x)).
         """
-        from ..learned.predict import AdaptationOptions
+        from ..learned.options import AdaptationOptions
 
         method = DEFAULT_METHOD if method is None else str(method).lower()
         if method not in METHODS:
@@ -299,16 +238,13 @@ class RegistrationLogic:
 
         if lambdaMapNode is not None:
             lambdaMap, lambdaGrid = mrml.arrayFromVolumeNode(lambdaMapNode)
-            if not lambdaGrid.same_geometry(fixedGrid):
-                from ..engine.transforms import resample_image
-
-                lambdaMap = resample_image(lambdaMap, lambdaGrid, fixedGrid, mode="linear", default_value=1.0)
             if not np.all(np.isfinite(lambdaMap)) or lambdaMap.min() < 0 or lambdaMap.max() > 1:
                 raise ValueError(
                     f"the λ map '{lambdaMapNode.GetName()}' must hold values in [0, 1] "
                     f"(found {np.nanmin(lambdaMap):.3g} to {np.nanmax(lambdaMap):.3g})"
                 )
-            request.lambdaMap = lambdaMap.astype(np.float32)
+            # Resampled onto the fixed grid (if needed) where the registration runs, not here.
+            request.lambdaMap, request.lambdaMapGrid = lambdaMap.astype(np.float32), lambdaGrid
 
         if (fixedLabelNode is None) != (movingLabelNode is None):
             raise ValueError("give both fixed and moving labels (or neither) to measure label overlap")
@@ -355,130 +291,17 @@ class RegistrationLogic:
         progressCallback: Optional[ProgressCallback] = None,
         cancelRequested: Optional[CancelCallback] = None,
     ) -> ComputedRegistration:
-        """Run the engine and compute the derived volumes and metrics; touches no MRML (any thread).
-
-        Args:
-            progressCallback: callable(fraction in [0, 1], message), called from this thread.
-            cancelRequested: callable returning True to stop; polled every iteration.
+        """:func:`compute.computeRegistration` with this logic's cache of loaded networks (any thread).
 
         Raises:
             ValueError: images the engine rejects (2D, NaN, empty, no overlap ...).
             engine.common.RegistrationCancelled: when ``cancelRequested()`` returned True.
         """
-
-        def report(fraction: float, message: str) -> None:
-            if progressCallback is not None:
-                progressCallback(float(fraction), message)
-
-        session = None
-        if request.method == "optimize":
-            from ..engine.optimize import register_images
-
-            result = register_images(
-                request.fixed,
-                request.fixedGrid,
-                request.moving,
-                request.movingGrid,
-                request.options,
-                fixed_mask=request.fixedMask,
-                lambda_map=request.lambdaMap,
-                progress=lambda fraction, message: report(0.95 * fraction, message),
-                cancel=cancelRequested,
-            )
-        else:
-            session = self._networkSession(request, report, cancelRequested)
-            result = session.predict(request.options.regularization_weight)
-        report(0.95, "computing metrics")
-        computed = self._derive(request, result, session)
-        report(1.0, "done")
-        return computed
+        return computeRegistration(request, progressCallback, cancelRequested, self._networks)
 
     def loadNetwork(self, modelPath: Optional[str] = None) -> tuple[RegistrationNetwork, dict]:
-        """(network, metadata) from ``modelPath`` (None = the shipped weights), cached per file.
-
-        Raises:
-            learned.checkpoint.CheckpointNotFoundError, learned.checkpoint.CheckpointError: a missing, corrupt or
-                incompatible weights file (the message names the file).
-        """
-        from ..learned.checkpoint import CheckpointNotFoundError, load_checkpoint
-        from ..learned.weights import shipped_model_path
-
-        path = Path(modelPath) if modelPath is not None else shipped_model_path()
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"network weights file '{path}' does not exist")
-        key = (str(path.resolve()), path.stat().st_mtime_ns)
-        if key not in self._networks:
-            self._networks[key] = load_checkpoint(path)
-        return self._networks[key]
-
-    def _networkSession(
-        self, request: RegistrationRequest, report: ProgressCallback, cancelRequested: Optional[CancelCallback]
-    ) -> NetworkRegistration:
-        """Affine stage of the optimizer, then a :class:`learned.predict.NetworkRegistration` (adapted if asked)."""
-        from ..learned.predict import AdaptationOptions, register_with_network
-
-        network, metadata = self.loadNetwork(request.modelPath)
-        adaptation = AdaptationOptions.with_steps(request.adaptationSteps) if request.adaptationSteps > 0 else None
-        return register_with_network(
-            network, metadata, request.fixed, request.fixedGrid, request.moving, request.movingGrid, request.options,
-            adaptation, fixed_mask=request.fixedMask, progress=report, cancel=cancelRequested,
-        )
-
-    def _derive(
-        self, request: RegistrationRequest, result: RegistrationResult, session: Optional[NetworkRegistration] = None
-    ) -> ComputedRegistration:
-        """Metrics, warped labels, checkerboard and difference of an engine result (any thread)."""
-        from ..engine import metrics as metricsLib
-        from ..engine.transforms import resample_image
-        from ..engine.visualization import checkerboard, difference
-
-        fixedGrid = request.fixedGrid
-        metrics: dict = {
-            "method": request.method,
-            "lambda": float(result.regularization_weight),
-            "similarity": result.similarity,
-            "device": result.device,
-            "runtime_s": float(result.runtime_s),
-            "folding_percent": float(metricsLib.folding_percent(result.jacobian, request.fixedMask)),
-            "sdlogj": float(metricsLib.sdlogj(result.jacobian, request.fixedMask)),
-        }
-        if session is not None:
-            metrics["adaptation_steps"] = int(session.adapted_steps)
-
-        warpedLabels = None
-        if request.movingLabels is not None:
-            warpedLabels = np.rint(
-                resample_image(request.movingLabels, request.movingGrid, fixedGrid, result.displacement_ras, mode="nearest")
-            ).astype(np.int32)
-            initialLabels = np.rint(
-                resample_image(request.movingLabels, request.movingGrid, fixedGrid, mode="nearest")
-            ).astype(np.int32)
-            labels = request.evaluationLabels
-            dice = metricsLib.dice_per_label(request.fixedLabels, warpedLabels, labels)
-            diceInitial = metricsLib.dice_per_label(request.fixedLabels, initialLabels, labels)
-            hd95 = metricsLib.hd95_mm(request.fixedLabels, warpedLabels, list(dice), fixedGrid)
-            metrics.update(
-                dice_mean=_finiteMean(dice.values()),
-                dice_per_label={int(k): float(v) for k, v in dice.items()},
-                dice_mean_initial=_finiteMean(diceInitial.values()),
-                hd95_mean_mm=_finiteMean(hd95.values()),
-                hd95_per_label_mm={int(k): _jsonNumber(v) for k, v in hd95.items()},
-            )
-            if request.labelNames:
-                metrics["label_names"] = {i + 1: name for i, name in enumerate(request.labelNames)}
-
-        if request.fixedPoints is not None:
-            tre = metricsLib.tre_mm(request.fixedPoints, request.movingPoints, result.displacement_ras, fixedGrid)
-            initial = np.linalg.norm(request.fixedPoints - request.movingPoints, axis=1)
-            metrics.update(
-                tre_mean_mm=float(np.mean(tre)),
-                tre_max_mm=float(np.max(tre)),
-                tre_initial_mean_mm=float(np.mean(initial)),
-            )
-
-        board = checkerboard(request.fixed, result.warped, fixedGrid, request.checkerboardSquareMm)
-        diff = difference(request.fixed, result.warped)
-        return ComputedRegistration(result, board, diff, warpedLabels, metrics, session)
+        """(network, metadata) from ``modelPath`` (None = the shipped weights), cached per file."""
+        return loadNetwork(modelPath, self._networks)
 
     # ------------------------------------------------------------------------------------ interactive λ
     def canSetRegularizationInstantly(self) -> bool:
@@ -514,8 +337,8 @@ class RegistrationLogic:
         lam = float(regularizationWeight)
         if not 0.0 <= lam <= 1.0 or math.isnan(lam):
             raise ValueError(f"λ must be in [0, 1], got {regularizationWeight}")
-        request = replace(request, options=replace(request.options, regularization_weight=lam))
-        computed = self._derive(request, session.predict(lam), session)
+        request = request.atLambda(lam)
+        computed = deriveOutputs(request, session.predict(lam), session)
         return self.writeOutputs(request, computed, outputs)
 
     # ------------------------------------------------------------------------------------ write
@@ -531,6 +354,9 @@ class RegistrationLogic:
         nodes given in ``outputNodes`` get their previous data back, then the error is raised.
         The volume nodes take over the arrays of ``computed`` without copying them (a slider
         move writes seven full volumes): write a ``computed`` once and do not change its arrays.
+
+        The scene is put in batch-processing state only when nodes are created; in-place updates
+        (a λ change) skip it.
 
         Returns:
             A new :class:`RegistrationOutputNodes` (the given nodes, plus the created ones).
@@ -562,7 +388,12 @@ class RegistrationLogic:
 
         transaction = _SceneTransaction(scene)
         outputs = RegistrationOutputNodes()
-        scene.StartState(scene.BatchProcessState)
+        # Batch processing only when nodes are added: ending it makes every node combo box and the
+        # subject hierarchy rebuild, which costs more than an in-place update (a slider move) itself.
+        needed = [*_OUTPUT_CLASSES, *(["warpedLabelNode"] if computed.warpedLabels is not None else [])]
+        batch = any(getattr(given, attribute) is None for attribute in needed)
+        if batch:
+            scene.StartState(scene.BatchProcessState)
         try:
 
             def volume(attribute, array, name, className="vtkMRMLScalarVolumeNode"):
@@ -615,7 +446,8 @@ class RegistrationLogic:
             transaction.rollback()
             raise
         finally:
-            scene.EndState(scene.BatchProcessState)
+            if batch:
+                scene.EndState(scene.BatchProcessState)
         # The slider (setRegularization) follows the last registration written.
         self._interactive = (request, computed.session, outputs) if computed.session is not None else None
         return outputs
@@ -639,19 +471,6 @@ class RegistrationLogic:
         request = self.prepareRegistration(fixedVolumeNode, movingVolumeNode, **options)
         computed = self.computeRegistration(request, progressCallback, cancelRequested)
         return self.writeOutputs(request, computed, outputNodes)
-
-
-def jsonSafe(value):
-    """Metrics with inf/NaN as None and dict keys as strings, for json.dumps."""
-    if isinstance(value, dict):
-        return {str(k): jsonSafe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonSafe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return _jsonNumber(float(value))
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 #: Class each output node must have when given for an in-place update.

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -66,7 +66,8 @@ from ..engine.transforms import (
     resize_field,
     sampling_grid,
 )
-from .network import RegistrationNetwork
+from .network import EncodedPair, RegistrationNetwork
+from .options import AdaptationOptions
 
 
 # --------------------------------------------------------------------------------- working grid
@@ -112,50 +113,6 @@ def to_working_grid(image: np.ndarray, grid: ImageGrid, work: ImageGrid, affine_
     return np.clip(resample_image(image, grid, work, affine_ras=affine_ras), 0.0, 1.0).astype(np.float32)
 
 
-# --------------------------------------------------------------------------------- adaptation
-@dataclass(frozen=True)
-class AdaptationOptions:
-    """Test-time adaptation settings (:meth:`NetworkRegistration.adapt`).
-
-    Attributes:
-        steps: Adam steps at each knot after the first (warm-started from the previous knot).
-        first_steps: Adam steps at the first knot, on the working grid; they follow
-            ``coarse_steps`` steps on the working grid down-sampled 2x (the optimizer's
-            coarse-to-fine schedule, since the first knot starts from the bare network prediction).
-        coarse_steps: see ``first_steps``.
-        knots: λ values at which the residual velocity is optimized (increasing, in (0, 1)).
-        learning_rate_vox: Adam step of the residual velocity, in voxels of the velocity grid.
-        jacobian_penalty: γ, weight of the penalty on non-positive Jacobian determinants.
-    """
-
-    steps: int = 15
-    first_steps: int = 40
-    coarse_steps: int = 60
-    knots: tuple = (0.1, 0.25, 0.5, 0.75)
-    learning_rate_vox: float = 0.5
-    jacobian_penalty: float = 1.0
-
-    def validated(self) -> AdaptationOptions:
-        if min(int(self.steps), int(self.first_steps), int(self.coarse_steps)) < 0:
-            raise ValueError(f"adaptation step counts must be >= 0, got {self.steps}, {self.first_steps}, {self.coarse_steps}")
-        knots = [float(k) for k in self.knots]
-        if not knots or any(not 0.0 < k < 1.0 for k in knots) or sorted(set(knots)) != knots:
-            raise ValueError(f"adaptation 'knots' must be increasing values in (0, 1), got {self.knots}")
-        if not self.learning_rate_vox > 0:
-            raise ValueError(f"adaptation 'learning_rate_vox' must be positive, got {self.learning_rate_vox}")
-        return self
-
-    @classmethod
-    def with_steps(cls, steps: int) -> AdaptationOptions:
-        """The default schedule scaled to ``steps`` per later knot (15 = the default: 60 coarse, 40 + 3 x 15 fine)."""
-        steps = int(steps)
-        return cls(steps=steps, first_steps=int(round(steps * 8 / 3)), coarse_steps=4 * steps)
-
-    @property
-    def total_steps(self) -> int:
-        return int(self.coarse_steps) + int(self.first_steps) + int(self.steps) * (len(self.knots) - 1)
-
-
 # --------------------------------------------------------------------------------- session
 class NetworkRegistration:
     """A network bound to one fixed/moving pair (see the module docstring).
@@ -183,6 +140,7 @@ class NetworkRegistration:
         moving_grid: ImageGrid,
         affine_ras: Optional[np.ndarray] = None,
         device: Optional[str] = None,
+        encoded: Optional[EncodedPair] = None,
     ) -> None:
         start = time.perf_counter()
         fixed = validate_volume("fixed", fixed, fixed_grid)
@@ -199,12 +157,66 @@ class NetworkRegistration:
         self.adapted_steps = 0
         self.residuals: list = []  # [(λ knot, (1, 3, z, y, x) residual velocity)], see adapt()
         self.work = working_grid_for(fixed_grid, float(spec["spacing_mm"]), network.config.divisor, spec["direction_ras"])
-        self.fixed_work = torch.as_tensor(to_working_grid(fixed, fixed_grid, self.work))[None, None].to(self.device)
-        self.moving_work = torch.as_tensor(to_working_grid(moving, moving_grid, self.work, self.affine_ras))[None, None].to(self.device)
+        self._working_images: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         with torch.no_grad():
-            self.encoded = self.network.encode(self.fixed_work, self.moving_work)
+            if encoded is None:
+                encoded = self.network.encode(*self.working_images())
+            self.encoded = EncodedPair([t.to(self.device) for t in encoded.skips], tuple(encoded.padding), tuple(encoded.shape))
             self._prepare_full_resolution()
         self.prepare_s = time.perf_counter() - start
+
+    def working_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fixed, moving) network inputs on the working grid, (1, 1, z, y, x) each (made on first use)."""
+        if self._working_images is None:
+            fixed = torch.as_tensor(to_working_grid(self.fixed, self.fixed_grid, self.work))[None, None].to(self.device)
+            moving = torch.as_tensor(to_working_grid(self.moving, self.moving_grid, self.work, self.affine_ras))[None, None]
+            self._working_images = (fixed, moving.to(self.device))
+        return self._working_images
+
+    # ----------------------------------------------------------------------------------- state
+    def state(self) -> dict:
+        """Everything of this session but the network and the images, as plain tensors, numbers and
+        lists (``torch.save`` it; it reads back with ``weights_only=True``): the affine, the encoder
+        features and the adapted residuals. :meth:`restore` rebuilds the session from it without
+        running the encoder or the adaptation again (how the Slicer panel receives a session that
+        a background process computed)."""
+        return {
+            "affine_ras": torch.as_tensor(self.affine_ras, dtype=torch.float64),
+            "skips": [t.detach().cpu() for t in self.encoded.skips],
+            "padding": [int(p) for p in self.encoded.padding],
+            "shape": [int(n) for n in self.encoded.shape],
+            "residuals": [[float(lam), r.detach().cpu()] for lam, r in self.residuals],
+            "adapted_steps": int(self.adapted_steps),
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        network: RegistrationNetwork,
+        metadata: dict,
+        fixed: np.ndarray,
+        fixed_grid: ImageGrid,
+        moving: np.ndarray,
+        moving_grid: ImageGrid,
+        state: dict,
+        device: Optional[str] = None,
+    ) -> NetworkRegistration:
+        """The session :meth:`state` describes, for the same network, metadata and images.
+
+        Raises:
+            ValueError: a state whose encoder features do not fit this network and fixed image.
+        """
+        encoded = EncodedPair(list(state["skips"]), tuple(state["padding"]), tuple(state["shape"]))
+        session = cls(network, metadata, fixed, fixed_grid, moving, moving_grid,
+                      np.asarray(state["affine_ras"], dtype=np.float64), device, encoded)
+        if tuple(session.encoded.skips[0].shape[2:]) != tuple(session.work.shape):
+            raise ValueError(
+                f"the saved network session was computed on a working grid of {tuple(session.encoded.skips[0].shape[2:])} "
+                f"voxels, but this fixed image gives {session.work.shape}"
+            )
+        session.residuals = [(float(lam), r.to(session.device)) for lam, r in state["residuals"]]
+        session.adapted_steps = int(state["adapted_steps"])
+        return session
 
     def _prepare_full_resolution(self) -> None:
         """Cache what every λ needs: the moving image as a tensor and the two 3x3 maps from a
@@ -334,7 +346,7 @@ class NetworkRegistration:
     # ----------------------------------------------------------------------------------- adapt
     def adapt(
         self,
-        options: AdaptationOptions = AdaptationOptions(),
+        options: Optional[AdaptationOptions] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelCallback] = None,
     ) -> list[dict]:
@@ -348,13 +360,14 @@ class NetworkRegistration:
         Raises:
             engine.common.RegistrationCancelled: when ``cancel()`` returned True.
         """
-        options = options.validated()
+        options = (options or AdaptationOptions()).validated()
         moving = match_histogram(self.moving, self.fixed)
         moving_work = torch.as_tensor(to_working_grid(moving, self.moving_grid, self.work, self.affine_ras))[None, None].to(self.device)
-        levels = {"fine": (self.fixed_work, moving_work)}
+        fixed_work = self.working_images()[0]
+        levels = {"fine": (fixed_work, moving_work)}
         if options.coarse_steps:
             half = tuple(max(2, n // 2) for n in self.work.shape)
-            levels["coarse"] = tuple(resize_field(box_mean(x, [3, 3, 3]), half) for x in (self.fixed_work, moving_work))
+            levels["coarse"] = tuple(resize_field(box_mean(x, [3, 3, 3]), half) for x in (fixed_work, moving_work))
         steps_total, done = options.total_steps, 0
         residuals, history = [], []
         previous = None

@@ -1,0 +1,320 @@
+"""The computing half of the logic: a :class:`RegistrationRequest` (numpy arrays with their geometry)
+in, a :class:`ComputedRegistration` (the engine's result, derived volumes, metrics) out.
+
+No MRML, vtk or Qt here, and no torch at import time (the engine is imported where it runs), so the
+same functions run in the Slicer panel's background process (:mod:`jobs`), in a script, in the
+command line and in tests, while :mod:`logic` reads the request from MRML nodes and writes the
+results into them on the main thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from ..engine.common import CancelCallback, ProgressCallback, RegistrationOptions, RegistrationResult
+from ..engine.grid import ImageGrid
+from .tasks import scaled_progress
+
+if TYPE_CHECKING:  # torch-dependent types, imported where they are used
+    import slicer
+
+    from ..learned.network import RegistrationNetwork
+    from ..learned.predict import NetworkRegistration
+
+#: Registration methods, fastest first.
+METHODS = ("network", "network+adapt", "optimize")
+
+#: The default method: the most accurate one that is ready. Measured on the OASIS pair
+#: (benchmarks/network.md), the shipped network, trained for under an hour on 2 CPU cores, is not
+#: yet as accurate as instance optimization, so "optimize" stays the default until a network
+#: trained longer beats it; the network methods are there to choose (instant λ slider).
+DEFAULT_METHOD = "optimize"
+
+#: Loaded networks by (resolved weights file, modification time): ``(network, metadata)``.
+NetworkCache = dict[tuple[str, int], tuple["RegistrationNetwork", dict]]
+
+
+@dataclass
+class RegistrationRequest:
+    """Everything :func:`computeRegistration` needs, as numpy arrays.
+
+    Arrays are (Z, Y, X) on their grid (world RAS mm); points are (P, 3) RAS mm. ``lambdaMap`` lies
+    on ``lambdaMapGrid`` (the fixed grid when None); it is resampled onto the fixed grid when the
+    registration runs. ``scene`` and the node IDs are only used by ``writeOutputs`` (main thread).
+    """
+
+    fixed: np.ndarray
+    fixedGrid: ImageGrid
+    moving: np.ndarray
+    movingGrid: ImageGrid
+    options: RegistrationOptions
+    fixedMask: Optional[np.ndarray] = None
+    lambdaMap: Optional[np.ndarray] = None
+    lambdaMapGrid: Optional[ImageGrid] = None
+    fixedLabels: Optional[np.ndarray] = None
+    movingLabels: Optional[np.ndarray] = None
+    labelNames: Optional[list[str]] = None  # names of label values 1..N when labels came from segmentations
+    movingLabelsAreSegmentation: bool = False
+    evaluationLabels: Optional[list[int]] = None
+    fixedPoints: Optional[np.ndarray] = None
+    movingPoints: Optional[np.ndarray] = None
+    method: str = "optimize"
+    modelPath: Optional[str] = None  # network weights (None = the shipped ones)
+    adaptationSteps: int = 0
+    scene: Optional[slicer.vtkMRMLScene] = None
+    fixedVolumeNodeID: str = ""
+    movingVolumeNodeID: str = ""
+    outputBaseName: str = "Registered"
+    checkerboardSquareMm: float = 20.0
+
+    def atLambda(self, regularizationWeight: float) -> RegistrationRequest:
+        """The same request at another λ."""
+        return replace(self, options=replace(self.options, regularization_weight=float(regularizationWeight)))
+
+
+@dataclass
+class ComputedRegistration:
+    """What :func:`computeRegistration` produced (numpy, on the fixed grid).
+
+    Attributes:
+        result: the engine's :class:`engine.common.RegistrationResult` (warped, displacement_ras,
+            jacobian, lambda_map, affine_ras, runtime_s, device, regularization_weight ...).
+        checkerboard, difference: (Z, Y, X) float32 (see :mod:`engine.visualization`).
+        warpedLabels: (Z, Y, X) int32 moving labels warped with nearest neighbour, or None.
+        metrics: dict with ``folding_percent``, ``sdlogj``, ``runtime_s``, ``device``, ``lambda``,
+            ``similarity`` and, when labels were given, ``dice_mean``, ``dice_per_label``,
+            ``dice_mean_initial`` (labels resampled without deformation), ``hd95_mean_mm``,
+            ``hd95_per_label_mm``; with landmarks ``tre_mean_mm``, ``tre_max_mm``,
+            ``tre_initial_mean_mm`` (keys and display: :mod:`engine.metric_table`).
+        session: the network bound to the pair (network methods), re-evaluated at a new λ by
+            ``RegistrationLogic.setRegularization``; None for the optimizer.
+    """
+
+    result: RegistrationResult
+    checkerboard: np.ndarray
+    difference: np.ndarray
+    warpedLabels: Optional[np.ndarray]
+    metrics: dict
+    session: Optional[NetworkRegistration] = None
+
+
+# --------------------------------------------------------------------------------------- compute
+def computeRegistration(
+    request: RegistrationRequest,
+    progressCallback: Optional[ProgressCallback] = None,
+    cancelRequested: Optional[CancelCallback] = None,
+    networks: Optional[NetworkCache] = None,
+) -> ComputedRegistration:
+    """Run the engine and compute the derived volumes and metrics; touches no MRML (any thread or process).
+
+    Args:
+        progressCallback: callable(fraction in [0, 1], message), called from this thread.
+        cancelRequested: callable returning True to stop; polled every iteration.
+        networks: a cache of loaded networks to use and fill (network methods).
+
+    Raises:
+        ValueError: images the engine rejects (2D, NaN, empty, no overlap ...).
+        engine.common.RegistrationCancelled: when ``cancelRequested()`` returned True.
+        learned.checkpoint.CheckpointError: a missing, corrupt or incompatible weights file.
+    """
+
+    def report(fraction: float, message: str) -> None:
+        if progressCallback is not None:
+            progressCallback(float(fraction), message)
+
+    session = None
+    if request.method == "optimize":
+        from ..engine.optimize import register_images
+
+        result = register_images(
+            request.fixed,
+            request.fixedGrid,
+            request.moving,
+            request.movingGrid,
+            request.options,
+            fixed_mask=request.fixedMask,
+            lambda_map=lambdaMapOnFixedGrid(request),
+            progress=lambda fraction, message: report(0.95 * fraction, message),
+            cancel=cancelRequested,
+        )
+    else:
+        session = networkSession(request, report, cancelRequested, networks)
+        result = session.predict(request.options.regularization_weight)
+    report(0.95, "computing metrics")
+    computed = deriveOutputs(request, result, session)
+    report(1.0, "done")
+    return computed
+
+
+def computeSweep(
+    request: RegistrationRequest,
+    lambdas: Sequence[float],
+    progressCallback: Optional[ProgressCallback] = None,
+    cancelRequested: Optional[CancelCallback] = None,
+    networks: Optional[NetworkCache] = None,
+) -> list[dict]:
+    """The metrics of the registration at each λ of ``lambdas`` (a λ sweep), in order.
+
+    With the optimizer every λ is a registration of its own; with a network method the pair is
+    prepared (and adapted) once and each λ is a prediction of that session.
+
+    Raises:
+        as :func:`computeRegistration`.
+    """
+    lambdas = [float(v) for v in lambdas]
+    if not lambdas:
+        raise ValueError("a λ sweep needs at least one λ")
+    rows: list[dict] = []
+    session, first = None, 0.0
+    if request.method != "optimize":  # one network session, a prediction per λ
+        first = 0.5
+        session = networkSession(request, scaled_progress(progressCallback, 0.0, first), cancelRequested, networks)
+    for index, lam in enumerate(lambdas):
+        start = first + (1.0 - first) * index / len(lambdas)
+        stop = first + (1.0 - first) * (index + 1) / len(lambdas)
+        report = scaled_progress(progressCallback, start, stop, f"λ = {lam:.2f} ({index + 1}/{len(lambdas)}): ")
+        if session is not None:
+            computed = deriveOutputs(request.atLambda(lam), session.predict(lam), session)
+        else:
+            computed = computeRegistration(request.atLambda(lam), report, cancelRequested, networks)
+        rows.append(computed.metrics)
+        report(1.0, "done")
+    return rows
+
+
+def lambdaMapOnFixedGrid(request: RegistrationRequest) -> Optional[np.ndarray]:
+    """The request's λ(x) map on the fixed grid (linear resampling, 1 outside its own grid), or None."""
+    if request.lambdaMap is None:
+        return None
+    grid = request.lambdaMapGrid
+    if grid is None or grid.same_geometry(request.fixedGrid):
+        return request.lambdaMap
+    from ..engine.transforms import resample_image
+
+    return np.clip(resample_image(request.lambdaMap, grid, request.fixedGrid, mode="linear", default_value=1.0), 0.0, 1.0)
+
+
+def loadNetwork(modelPath: Optional[str] = None, networks: Optional[NetworkCache] = None) -> tuple[RegistrationNetwork, dict]:
+    """(network, metadata) from ``modelPath`` (None = the shipped weights), from or into ``networks``.
+
+    Raises:
+        learned.checkpoint.CheckpointNotFoundError, learned.checkpoint.CheckpointError: a missing,
+            corrupt or incompatible weights file (the message names the file).
+    """
+    from ..learned.checkpoint import CheckpointNotFoundError, load_checkpoint
+    from ..learned.weights import shipped_model_path
+
+    path = Path(modelPath) if modelPath is not None else shipped_model_path()
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"network weights file '{path}' does not exist")
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if networks is None:
+        return load_checkpoint(path)
+    if key not in networks:
+        networks[key] = load_checkpoint(path)
+    return networks[key]
+
+
+def networkSession(
+    request: RegistrationRequest,
+    report: Optional[ProgressCallback] = None,
+    cancelRequested: Optional[CancelCallback] = None,
+    networks: Optional[NetworkCache] = None,
+) -> NetworkRegistration:
+    """Affine stage of the optimizer, then a :class:`learned.predict.NetworkRegistration` (adapted if asked)."""
+    from ..learned.options import AdaptationOptions
+    from ..learned.predict import register_with_network
+
+    network, metadata = loadNetwork(request.modelPath, networks)
+    adaptation = AdaptationOptions.with_steps(request.adaptationSteps) if request.adaptationSteps > 0 else None
+    return register_with_network(
+        network, metadata, request.fixed, request.fixedGrid, request.moving, request.movingGrid, request.options,
+        adaptation, fixed_mask=request.fixedMask, progress=report, cancel=cancelRequested,
+    )
+
+
+def deriveOutputs(
+    request: RegistrationRequest, result: RegistrationResult, session: Optional[NetworkRegistration] = None
+) -> ComputedRegistration:
+    """Metrics, warped labels, checkerboard and difference of an engine result (any thread)."""
+    from ..engine import metrics as metricsLib
+    from ..engine.transforms import resample_image
+    from ..engine.visualization import checkerboard, difference
+
+    fixedGrid = request.fixedGrid
+    metrics: dict = {
+        "method": request.method,
+        "lambda": float(result.regularization_weight),
+        "similarity": result.similarity,
+        "device": result.device,
+        "runtime_s": float(result.runtime_s),
+        "folding_percent": float(metricsLib.folding_percent(result.jacobian, request.fixedMask)),
+        "sdlogj": float(metricsLib.sdlogj(result.jacobian, request.fixedMask)),
+    }
+    if session is not None:
+        metrics["adaptation_steps"] = int(session.adapted_steps)
+
+    warpedLabels = None
+    if request.movingLabels is not None:
+        warpedLabels = np.rint(
+            resample_image(request.movingLabels, request.movingGrid, fixedGrid, result.displacement_ras, mode="nearest")
+        ).astype(np.int32)
+        initialLabels = np.rint(
+            resample_image(request.movingLabels, request.movingGrid, fixedGrid, mode="nearest")
+        ).astype(np.int32)
+        labels = request.evaluationLabels
+        dice = metricsLib.dice_per_label(request.fixedLabels, warpedLabels, labels)
+        diceInitial = metricsLib.dice_per_label(request.fixedLabels, initialLabels, labels)
+        hd95 = metricsLib.hd95_mm(request.fixedLabels, warpedLabels, list(dice), fixedGrid)
+        metrics.update(
+            dice_mean=_finiteMean(dice.values()),
+            dice_per_label={int(k): float(v) for k, v in dice.items()},
+            dice_mean_initial=_finiteMean(diceInitial.values()),
+            hd95_mean_mm=_finiteMean(hd95.values()),
+            hd95_per_label_mm={int(k): _jsonNumber(v) for k, v in hd95.items()},
+        )
+        if request.labelNames:
+            metrics["label_names"] = {i + 1: name for i, name in enumerate(request.labelNames)}
+
+    if request.fixedPoints is not None:
+        tre = metricsLib.tre_mm(request.fixedPoints, request.movingPoints, result.displacement_ras, fixedGrid)
+        initial = np.linalg.norm(request.fixedPoints - request.movingPoints, axis=1)
+        metrics.update(
+            tre_mean_mm=float(np.mean(tre)),
+            tre_max_mm=float(np.max(tre)),
+            tre_initial_mean_mm=float(np.mean(initial)),
+        )
+
+    board = checkerboard(request.fixed, result.warped, fixedGrid, request.checkerboardSquareMm)
+    diff = difference(request.fixed, result.warped)
+    return ComputedRegistration(result, board, diff, warpedLabels, metrics, session)
+
+
+# --------------------------------------------------------------------------------------- JSON
+def _finiteMean(values) -> Optional[float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _jsonNumber(value: float) -> Optional[float]:
+    """JSON has no inf/NaN: such values become None (null)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def jsonSafe(value):
+    """Metrics with inf/NaN as None and dict keys as strings, for json.dumps."""
+    if isinstance(value, dict):
+        return {str(k): jsonSafe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonSafe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return _jsonNumber(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
