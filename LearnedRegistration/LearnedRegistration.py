@@ -45,7 +45,7 @@ from slicer.util import VTKObservationMixin
 # module loads without torch and can offer to install PyTorch.
 from LearnedRegistrationLib.bridge import jobs
 from LearnedRegistrationLib.bridge import logic as registrationLogic
-from LearnedRegistrationLib.bridge.compute import computeSweep
+from LearnedRegistrationLib.bridge.compute import DEFAULT_SPATIALLY_VARYING, computeSweep
 from LearnedRegistrationLib.bridge.tasks import LatestRequestDebouncer, TaskState
 from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA, RegistrationCancelled
 from LearnedRegistrationLib.engine.metric_table import EVALUATION_KEYS, SWEEP_KEYS, metric
@@ -140,13 +140,14 @@ def registerSampleData():
 class RegistrationMethod(enum.Enum):
     """How the deformation is computed.
 
-    ``OPTIMIZE`` fits a stationary velocity field to the image pair (instance optimization); a λ
-    change re-runs it. ``NETWORK`` is the shipped λ-conditioned network (``LearnedRegistrationLib.learned``) and
-    ``NETWORK_ADAPT`` the same after a few test-time adaptation steps on the pair; with them a λ
-    change only re-runs the network's decoder (:attr:`updatesInstantly`), in a fraction of a second.
-    The values are the logic's method names.
+    ``PATH`` (the default) registers the pair once for every λ (``LearnedRegistrationLib.engine.path``):
+    a λ change re-evaluates the path already in memory, with no new optimization. ``OPTIMIZE``
+    fits a stationary velocity field at one λ; a λ change re-runs it. ``NETWORK`` and
+    ``NETWORK_ADAPT`` are the experimental λ-conditioned network (``LearnedRegistrationLib.learned``),
+    alone or adapted to the pair. The values are the logic's method names.
     """
 
+    PATH = "path"
     OPTIMIZE = "optimize"
     NETWORK = "network"
     NETWORK_ADAPT = "network+adapt"
@@ -154,14 +155,15 @@ class RegistrationMethod(enum.Enum):
     def label(self) -> str:
         """Text shown in the method combo box."""
         return {
+            RegistrationMethod.PATH: _("λ path (instant λ)"),
             RegistrationMethod.OPTIMIZE: _("Instance optimization"),
-            RegistrationMethod.NETWORK: _("Network (instant λ)"),
-            RegistrationMethod.NETWORK_ADAPT: _("Network + adaptation (instant λ)"),
+            RegistrationMethod.NETWORK: _("Network (experimental)"),
+            RegistrationMethod.NETWORK_ADAPT: _("Network + adaptation (experimental)"),
         }[self]
 
     @property
     def updatesInstantly(self) -> bool:
-        """True when a λ change needs no new registration run (the λ-conditioned network)."""
+        """True when a λ change needs no new registration run (the λ path, the network)."""
         return self is not RegistrationMethod.OPTIMIZE
 
 
@@ -249,8 +251,9 @@ class LearnedRegistrationParameterNode:
         similarity: :class:`Similarity`.
         regularizationWeight: λ in [0, 1]; loss = (1 - λ)·similarity + λ·smoothness.
         liveUpdate: re-run (debounced) when λ changes after a registration.
-        spatiallyVarying: scale the regularization per voxel by ``inputLambdaMap``.
-        inputLambdaMap: per-voxel weight λ(x) in [0, 1].
+        spatiallyVarying: spatially varying regularization: the λ path learns a λ(x) for the pair,
+            times ``inputLambdaMap`` when set; instance optimization uses ``inputLambdaMap``.
+        inputLambdaMap: optional per-voxel weight λ(x) in [0, 1].
     Advanced:
         device: :class:`ComputeDevice`.
         iterationScale: multiplies every iteration count.
@@ -271,11 +274,11 @@ class LearnedRegistrationParameterNode:
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
 
-    method: RegistrationMethod = RegistrationMethod.OPTIMIZE
+    method: RegistrationMethod = RegistrationMethod.PATH
     similarity: Similarity = Similarity.MSE
     regularizationWeight: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_LAMBDA
     liveUpdate: bool = True
-    spatiallyVarying: bool = False
+    spatiallyVarying: bool = DEFAULT_SPATIALLY_VARYING
     inputLambdaMap: vtkMRMLScalarVolumeNode
 
     device: ComputeDevice = ComputeDevice.AUTO
@@ -425,8 +428,10 @@ class LearnedRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """Called just before the scene is closed: runs refer to nodes that are going away."""
+        """Called just before the scene is closed: runs refer to nodes that are going away, and the
+        λ path (or network) kept for the slider is released."""
         self._abandonRuns()
+        self.logic.releaseInstantSession()
         self._resultAvailable = False
         self.setParameterNode(None)
 
@@ -606,8 +611,12 @@ class LearnedRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         regularizationWeight = self._instantLambda.poll(busy=throttled)
         if regularizationWeight is None:
             return
+        parameterNode = self._parameterNode
+        displayed = None
+        if parameterNode is not None:  # updated first, the others right after
+            displayed = OUTPUT_FIELDS[DISPLAYED_OUTPUT_FIELDS[parameterNode.displayedOutput][0]]
         try:
-            outputs = self.logic.setRegularization(regularizationWeight)
+            outputs = self.logic.setRegularization(regularizationWeight, displayed=displayed)
         except (ValueError, RuntimeError) as error:
             self._setStatus(_("Cannot update λ: {error}").format(error=error))
             return
@@ -752,6 +761,7 @@ class LearnedRegistrationLogic(ScriptedLoadableModuleLogic, registrationLogic.Re
             "fixedLandmarksNode": parameterNode.fixedLandmarks,
             "movingLandmarksNode": parameterNode.movingLandmarks,
             "lambdaMapNode": parameterNode.inputLambdaMap if parameterNode.spatiallyVarying else None,
+            "spatiallyVarying": bool(parameterNode.spatiallyVarying),
             "similarity": parameterNode.similarity.value,
             "regularizationWeight": float(parameterNode.regularizationWeight
                                           if regularizationWeight is None else regularizationWeight),

@@ -197,6 +197,28 @@ def test_cancel_during_optimization_leaves_the_scene_unchanged(slicer_app):
     np.testing.assert_array_equal(mrml.arrayFromVolumeNode(first.warpedVolumeNode)[0], warped_before)
 
 
+def test_cancel_during_the_lambda_paths_knots_leaves_the_scene_and_the_slider_unchanged(slicer_app):
+    scene = slicer_app.scene
+    fixed, moving, _ = add_pair(scene)
+    logic = RegistrationLogic()
+    first = logic.register(fixed, moving, method="path", iterationScale=0.1)
+    session = logic.instantSession()
+    warped_before = mrml.arrayFromVolumeNode(first.warpedVolumeNode)[0]
+    state = scene_state(scene)
+    messages = []
+
+    def cancel_in_the_continuation():  # after the reference knot, while the other knots are optimized
+        return any(m.startswith("λ = ") for m in messages)
+
+    with pytest.raises(RegistrationCancelled):
+        logic.register(fixed, moving, method="path", outputNodes=first, iterationScale=0.1, regularizationWeight=0.6,
+                       progressCallback=lambda f, m: messages.append(m), cancelRequested=cancel_in_the_continuation)
+    assert scene_state(scene) == state
+    np.testing.assert_array_equal(mrml.arrayFromVolumeNode(first.warpedVolumeNode)[0], warped_before)
+    assert logic.instantSession() is session  # the slider still follows the previous registration
+    assert logic.setRegularization(0.4).warpedVolumeNode is first.warpedVolumeNode
+
+
 def test_logic_reports_missing_nodes_and_mismatched_labels(slicer_app):
     scene = slicer_app.scene
     fixed, moving, grid = add_pair(scene)

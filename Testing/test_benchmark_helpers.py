@@ -98,11 +98,13 @@ def test_plan_and_network_rows():
     flags = {"oasis_l2r_to_vxm": {"multimodal": False, "prealigned": True}, "multimodal_cardiac": {"multimodal": True, "prealigned": True}}
     jobs = benchmark.plan(["oasis_l2r_to_vxm", "multimodal_cardiac"], (0.1, 0.25), False, flags)
     oasis = [j for j in jobs if j["pair"] == "oasis_l2r_to_vxm"]
-    assert {j["method"] for j in oasis} == {"identity", "demons", "ants", "elastix", "ours"}
+    assert {j["method"] for j in oasis} == {"identity", "demons", "ants", "elastix", "ours", "path", "path_sv"}
+    assert [j["lambdas"] for j in oasis if j["method"] == "path"] == [[0.1, 0.25]]  # one run, every λ of the sweep
     assert sorted(j["lambda"] for j in oasis if j["method"] == "ours") == [0.1, 0.25]
     cardiac = [j for j in jobs if j["pair"] == "multimodal_cardiac"]
     assert "demons" not in {j["method"] for j in cardiac}
     assert {j["similarity"] for j in cardiac if j["method"] == "ours"} == {"mi", "ngf"}
+    assert "path_sv" not in {j["method"] for j in cardiac}  # uniform against learned λ(x): OASIS only
     with_network = benchmark.plan(["oasis_l2r_to_vxm"], (0.25,), True, flags)
     assert {"network", "network+adapt"} <= {j["method"] for j in with_network}
     # The network rows run the shipped model through the logic's path (small pair: plumbing only).
@@ -117,8 +119,11 @@ def test_plan_and_network_rows():
     assert [r["lambda"] for r in rows] == [0.25, 0.5] and all(r["label"].startswith("ours (network)") for r in rows)
     for r in rows:  # scored: Jacobian metrics of a finite field; one session, so one setup time in both
         assert np.isfinite(r["sdlogj"]) and 0.0 <= r["folding_percent"] <= 100.0
-        assert 0.0 < r["lambda_change_s"] < r["runtime_s"]
-    assert rows[0]["runtime_s"] - rows[0]["lambda_change_s"] == pytest.approx(rows[1]["runtime_s"] - rows[1]["lambda_change_s"])
+        assert 0.0 < r["update_s"] < r["runtime_s"]
+    assert rows[0]["runtime_s"] - rows[0]["update_s"] == pytest.approx(rows[1]["runtime_s"] - rows[1]["update_s"])
+    rows = benchmark.run_path(pair, False, [0.25, 0.5], {"pair": "toy", "method": "path"}, None)
+    assert [r["lambda"] for r in rows] == [0.25, 0.5] and rows[0]["path_s"] == rows[1]["path_s"] > 0.0
+    assert all(0.0 < r["update_s"] < r["runtime_s"] and np.isfinite(r["sdlogj"]) for r in rows)
 
 
 def test_helpers_import_no_peer_tools():
@@ -140,7 +145,8 @@ def test_quick_plan_leaves_out_the_slowest_methods():
     # the network runs once per pair and predicts every λ of the pair's sweep (default λ elsewhere)
     network = [j for j in full if j["method"] == "network"]
     assert [j["lambdas"] for j in network] == [[0.1, 0.25], [0.25]]
-    assert sum(j.get("snapshot", False) for j in full) == 2  # optimize and network+adapt, default λ, OASIS
+    # optimize, network+adapt and both λ paths, default λ, OASIS
+    assert sum(j.get("snapshot", False) for j in full) == 4
 
 
 def test_verdict_states_dice_and_time_against_ants():

@@ -247,3 +247,29 @@ def test_existing_output_folder_is_updated_and_other_files_kept(tmp_path, capsys
     assert json.loads((output / "metrics.json").read_text())["lambda"] > 0
     assert set(OUTPUT_FILES.values()) <= {p.name for p in output.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_path_sweep_reuses_one_run_and_times_each_update(tmp_path):
+    """The default method is the λ path: a --lambda-sweep is one registration and a prediction per λ,
+    each row with the seconds that λ took to update every output (update_s)."""
+    out = tmp_path / "path"
+    status = main(["register", "--output-dir", str(out), "--demo-size", "32", "--lambda-sweep", "0.1,0.5,0.9",
+                   "--iteration-scale", "0.2", "--quiet"])
+    assert status == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "path" and metrics["spatially_varying"] is False
+    sweep = json.loads((out / "lambda_sweep.json").read_text())
+    assert [r["lambda"] for r in sweep] == [0.1, 0.5, 0.9]
+    # a prediction per λ, far quicker than the registration itself
+    assert all(0.0 < r["update_s"] < metrics["runtime_s"] + 5.0 for r in sweep)
+    assert sweep[0]["sdlogj"] > sweep[-1]["sdlogj"]  # smoother as λ rises
+
+
+def test_spatially_varying_flag_learns_a_lambda_map(tmp_path):
+    out = tmp_path / "varying"
+    assert main(["register", "--output-dir", str(out), "--demo-size", "32", "--lambda", "0.4", "--spatially-varying",
+                 "--iteration-scale", "0.2", "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["spatially_varying"] is True
+    image = sitk.ReadImage(str(out / "lambda_map.nrrd"))
+    values = sitk.GetArrayFromImage(image)
+    assert values.std() > 1e-3 and 0.0 < values.min() and values.max() < 2 * 0.4  # λ · λ(x) / mode, λ(x) in (0, 1)

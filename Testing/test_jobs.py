@@ -155,8 +155,10 @@ def test_job_kinds_and_backends_are_checked(tumour):
 
 
 def test_preparing_and_writing_a_job_never_loads_torch(tmp_path, data_file):
-    """The panel's main thread: prepare a request, write the job, read back an (optimizer) result
-    and write it into nodes, all without importing torch (checked in a fresh interpreter)."""
+    """The panel's main thread: prepare a request, write the job, read back an optimizer result and
+    write it into nodes, all without importing torch (checked in a fresh interpreter). (A λ-path
+    result brings the path into memory for the slider, and with it torch: the one computation
+    the main thread does is a λ update.)"""
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
@@ -167,8 +169,8 @@ def test_preparing_and_writing_a_job_never_loads_torch(tmp_path, data_file):
             fixed = app.loadVolume({str(data_file(PAIR[0]))!r})
             moving = app.loadVolume({str(data_file(PAIR[1]))!r})
             logic = RegistrationLogic()
-            request = logic.prepareRegistration(fixed, moving, iterationScale=0.1, device="cpu")
-            task = logic_task = jobs.startJob(request, python=sys.executable)
+            request = logic.prepareRegistration(fixed, moving, method="optimize", iterationScale=0.1, device="cpu")
+            task = jobs.startJob(request, python=sys.executable)
             task.start()
             assert task.wait(300), "timeout"
             computed = task.result()

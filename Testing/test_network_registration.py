@@ -18,8 +18,9 @@ from vtk.util import numpy_support
 
 from LearnedRegistrationLib.bridge import mrml
 from LearnedRegistrationLib.bridge.logic import DEFAULT_METHOD, RegistrationLogic
-from LearnedRegistrationLib.engine.common import RegistrationCancelled
+from LearnedRegistrationLib.engine.common import RegistrationCancelled, RegistrationOptions
 from LearnedRegistrationLib.engine.grid import ImageGrid
+from LearnedRegistrationLib.engine.path import LambdaPath, PathOptions
 from LearnedRegistrationLib.engine.transforms import displacement_to_ras, resample_image
 from LearnedRegistrationLib.learned.checkpoint import (
     CheckpointError,
@@ -28,7 +29,7 @@ from LearnedRegistrationLib.learned.checkpoint import (
     save_checkpoint,
 )
 from LearnedRegistrationLib.learned.network import NetworkConfig, RegistrationNetwork
-from LearnedRegistrationLib.learned.predict import AdaptationOptions, NetworkRegistration
+from LearnedRegistrationLib.learned.predict import NetworkRegistration, adapt
 
 from conftest import blobs, oblique_grid, random_network
 
@@ -101,8 +102,8 @@ def test_axis_aligned_fast_path_matches_grid_sample_and_keeps_the_affine_exact_t
     fixed = blobs(fixed_grid)
     session = NetworkRegistration(tiny_network(), METADATA, fixed, fixed_grid, moving, moving_grid, AFFINE, "cpu")
     fast = session.predict(0.3)
-    assert session._resampler is not None
-    session._resampler = None  # generic path (the geometry is cached for this output shape)
+    assert session._sampler._resampler is not None  # engine.fields.FixedGridSampler
+    session._sampler._resampler = None  # generic path (the geometry is cached for this output shape)
     generic = session.predict(0.3)
     assert np.abs(fast.displacement_ras - generic.displacement_ras).max() < 1e-4
     assert np.abs(fast.warped - generic.warped).max() < 1e-5
@@ -133,34 +134,55 @@ def test_lambda_changes_the_field_and_bad_lambda_is_refused():
 
 
 # --------------------------------------------------------------------------------- adaptation
-def test_adaptation_refines_every_lambda_keeps_the_weights_and_cancel_restores(tiny_model):
+#: A small, fast optimizer schedule for the adaptation tests (two pyramid levels, few steps).
+QUICK = RegistrationOptions(affine_model="none", affine_spacings_mm=(), affine_iterations=(), deformable_spacings_mm=(6.0, 3.0),
+                            deformable_iterations=(6, 4), device="cpu")
+
+
+def test_network_velocity_on_another_grid_gives_the_networks_own_displacement():
+    """velocity_on() rotates and resamples the network's velocity into another grid's frame. With a
+    constant velocity (a translation), a λ path holding it reproduces the network's displacement
+    at every fixed voxel; a frame error (axis order, sign, units) would not."""
+    fixed, fixed_grid, moving, moving_grid = pair()
+    network = tiny_network()
+    with torch.no_grad():
+        network.velocity_head.weight.zero_()
+        network.velocity_head.bias.copy_(torch.tensor([0.05, -0.03, 0.02]))  # normalized working units
+    session = NetworkRegistration(network, METADATA, fixed, fixed_grid, moving, moving_grid, AFFINE, "cpu")
+    control = fixed_grid.with_spacing(2.5)  # another grid: the fixed image's extent, its orientation
+    path = LambdaPath([0.3], [session.velocity_on(0.3, control)], control, fixed_grid, moving, moving_grid, AFFINE,
+                      None, None, network.config.integration_steps, "mse", "cpu")
+    expected = session.predict(0.3).displacement_ras
+    affine_only = fixed_grid.world_points() @ AFFINE[:3, :3].T + AFFINE[:3, 3] - fixed_grid.world_points()
+    assert np.linalg.norm(expected - affine_only, axis=-1).min() > 0.5  # a real translation (mm) on top of the affine
+    np.testing.assert_allclose(path.predict(0.3).displacement_ras, expected, atol=1e-3)
+
+
+def test_adaptation_is_the_lambda_path_started_from_the_network_and_keeps_the_weights(tiny_model):
     fixed, fixed_grid, moving, moving_grid = pair()
     file_bytes = tiny_model.read_bytes()
     cached, metadata = load_checkpoint(tiny_model)
     before = {k: v.clone() for k, v in cached.state_dict().items()}
     session = NetworkRegistration(cached, metadata, fixed, fixed_grid, moving, moving_grid, None, "cpu")
-    start = {lam: session.predict(lam).displacement_ras for lam in (0.05, 0.3, 0.6, 0.95)}
+    start = {lam: session.predict(lam).displacement_ras for lam in (0.05, 0.3, 0.6)}
 
     calls = []
     with pytest.raises(RegistrationCancelled):
-        session.adapt(AdaptationOptions.with_steps(3), cancel=lambda: len(calls) > 5, progress=lambda f, m: calls.append(f))
-    assert session.residuals == [] and session.adapted_steps == 0
-    assert np.array_equal(session.predict(0.3).displacement_ras, start[0.3])  # nothing kept
+        adapt(session, QUICK, PathOptions(knots=(0.2, 0.5), knot_iterations=2), cancel=lambda: len(calls) > 5,
+              progress=lambda f, m: calls.append(f))
+    assert np.array_equal(session.predict(0.3).displacement_ras, start[0.3])  # the network session is untouched
 
-    options = AdaptationOptions(steps=4, first_steps=6, coarse_steps=4, knots=(0.2, 0.5))
-    history = session.adapt(options)
-    assert [h["lambda"] for h in history] == [0.2, 0.5] and [h["steps"] for h in history] == [10, 4]
-    assert session.adapted_steps == options.total_steps == 14
+    path = adapt(session, QUICK, PathOptions(knots=(0.2, 0.5), knot_iterations=4))
+    assert isinstance(path, LambdaPath) and path.knots == [0.2, 0.25, 0.5]  # the reference λ is a knot
     for lam, field in start.items():  # every slider position changed, instantly (no new run)
-        assert np.abs(session.predict(lam).displacement_ras - field).max() > 1e-4, lam
-    assert np.array_equal(session.predict(1.0).displacement_ras, session_without_adaptation(cached, metadata).predict(1.0).displacement_ras)
+        assert np.abs(path.predict(lam).displacement_ras - field).max() > 1e-4, lam
     for k, v in cached.state_dict().items():
         assert torch.equal(v, before[k]), f"adaptation changed the cached network's {k}"
     for k, v in session.network.state_dict().items():
         assert torch.equal(v, before[k]), f"adaptation changed the session's network {k}"
     assert tiny_model.read_bytes() == file_bytes
     with pytest.raises(ValueError, match="knots"):
-        session.adapt(AdaptationOptions(knots=(0.5, 0.2)))
+        adapt(session, QUICK, PathOptions(knots=(0.5, 0.2)))
 
 
 def session_without_adaptation(network, metadata):
@@ -238,7 +260,7 @@ def test_method_choice_and_its_errors(slicer_app, tiny_model, tmp_path):
     movingNode = add_volume(scene, moving, moving_grid, "moving")
     lambdaNode = add_volume(scene, np.full(fixed_grid.shape, 0.5, np.float32), fixed_grid, "lambda")
     logic = RegistrationLogic()
-    assert logic.prepareRegistration(fixedNode, movingNode).method == DEFAULT_METHOD == "optimize"
+    assert logic.prepareRegistration(fixedNode, movingNode).method == DEFAULT_METHOD == "path"
     with pytest.raises(ValueError, match="unknown registration method"):
         logic.prepareRegistration(fixedNode, movingNode, method="magic")
     with pytest.raises(ValueError, match="optimize"):
@@ -248,7 +270,7 @@ def test_method_choice_and_its_errors(slicer_app, tiny_model, tmp_path):
     request = logic.prepareRegistration(fixedNode, movingNode, method="network+adapt", adaptationSteps=3,
                                         modelPath=str(tiny_model), device="cpu")
     computed = logic.computeRegistration(request)
-    assert computed.metrics["adaptation_steps"] == AdaptationOptions.with_steps(3).total_steps == 29
+    assert computed.metrics["adaptation_steps"] == 3  # Adam steps per knot of the adapted λ path
     assert computed.metrics["method"] == "network+adapt"
 
 

@@ -389,6 +389,7 @@ def test_widget_apply_live_lambda_show_cancel_and_sweep(module, headless):
     assert not widget.ui.applyButton.enabled  # no moving volume yet
     parameterNode.movingVolume = moving
     parameterNode.device = module.ComputeDevice.CPU
+    parameterNode.method = module.RegistrationMethod.OPTIMIZE  # a λ change is a new background registration
     parameterNode.iterationScale = FAST["iterationScale"]
     parameterNode.workingSpacingMm = FAST["workingSpacingMm"]
     parameterNode.regularizationWeight = 0.1
@@ -503,37 +504,40 @@ def _forbidden(name):
 
 def test_widget_never_computes_on_the_main_thread_and_defers_lambda_during_a_run(module, headless, monkeypatch):
     """Every registration of the panel runs in a child process; the only torch work left on the main
-    thread is the λ update of a network already in memory, which waits while a job runs and is
-    throttled while the slider moves, ending on the last value."""
+    thread is the λ update of the λ path already in memory, which waits while a job runs, is
+    throttled while the slider moves (ending on the last value), and is released with the scene."""
     from LearnedRegistrationLib.bridge import compute, logic
-    from LearnedRegistrationLib.engine import optimize
+    from LearnedRegistrationLib.engine import optimize, path
     from LearnedRegistrationLib.learned import network, predict
 
-    for owner, name in ((compute, "computeRegistration"), (compute, "computeSweep"), (compute, "networkSession"),
+    for owner, name in ((compute, "computeRegistration"), (compute, "computeSweep"), (compute, "instantSession"),
                         (logic, "computeRegistration"), (jobs, "computeRegistration"), (jobs, "computeSweep"),
-                        (module, "computeSweep"), (optimize, "register_images"), (predict, "register_with_network"),
-                        (network.RegistrationNetwork, "encode"), (predict.NetworkRegistration, "adapt")):
+                        (module, "computeSweep"), (optimize, "register_images"), (optimize, "optimize_velocity"),
+                        (path, "register_path"), (predict, "register_with_network"), (predict, "adapt"),
+                        (network.RegistrationNetwork, "encode")):
         monkeypatch.setattr(owner, name, _forbidden(f"{getattr(owner, '__name__', owner)}.{name}"))
     predictions = []
-    predictOriginal = predict.NetworkRegistration.predict
+    evaluateOriginal = path.LambdaPath.evaluate
 
-    def recordingPredict(session, lam):
+    def recordingEvaluate(session, lam):
         callers = {frame.function for frame in inspect.stack()[1:8]}
-        assert "setRegularization" in callers, f"a prediction outside the λ update: {callers}"
+        assert "setRegularization" in callers, f"a λ evaluation outside the λ update: {callers}"
         predictions.append(lam)
-        return predictOriginal(session, lam)
+        return evaluateOriginal(session, lam)
 
-    monkeypatch.setattr(predict.NetworkRegistration, "predict", recordingPredict)
+    monkeypatch.setattr(path.LambdaPath, "evaluate", recordingEvaluate)
 
     fixed, moving = _addPhantomPair(headless.scene)
     widget, clock = _makeWidget(module)
     parameterNode = widget._parameterNode
     parameterNode.movingVolume = moving
     parameterNode.device = module.ComputeDevice.CPU
-    parameterNode.method = module.RegistrationMethod.NETWORK
+    assert parameterNode.method is module.RegistrationMethod.PATH  # the default
+    parameterNode.iterationScale = FAST["iterationScale"]
+    parameterNode.workingSpacingMm = FAST["workingSpacingMm"]
     parameterNode.regularizationWeight = 0.3
 
-    widget.onApplyButton()  # optimize-free: the network method, in a child process
+    widget.onApplyButton()  # the λ path, in a child process
     _pollUntilIdle(widget)
     assert not module.errors, module.errors
     assert widget.logic.canSetRegularizationInstantly() and predictions == []
@@ -562,10 +566,19 @@ def test_widget_never_computes_on_the_main_thread_and_defers_lambda_during_a_run
     assert predictions == [0.8]
     assert widget.ui.metricsTableWidget.items[module.EVALUATION_KEYS.index("lambda"), 1] == "0.80"
 
-    # The optimizer's λ change is a new background registration, never a computation here.
-    parameterNode.method = module.RegistrationMethod.OPTIMIZE
+    # Closing the scene releases the path kept for the slider.
+    widget.onSceneStartClose(None, None)
+    assert not widget.logic.canSetRegularizationInstantly()
+    widget.onSceneEndClose(None, None)
+    parameterNode = widget._parameterNode
+    fixed, moving = _addPhantomPair(headless.scene)
+    parameterNode.fixedVolume, parameterNode.movingVolume = fixed, moving
+    parameterNode.device = module.ComputeDevice.CPU
     parameterNode.iterationScale = FAST["iterationScale"]
     parameterNode.workingSpacingMm = FAST["workingSpacingMm"]
+
+    # The optimizer's λ change is a new background registration, never a computation here.
+    parameterNode.method = module.RegistrationMethod.OPTIMIZE
     widget.onApplyButton()
     _pollUntilIdle(widget)
     parameterNode.regularizationWeight = 0.2

@@ -64,7 +64,7 @@ from LearnedRegistrationLib.engine.metric_table import metric  # noqa: E402
 QUICK_PAIRS = ("oasis_l2r_to_vxm", "synth_ct")
 FULL_PAIRS = ("oasis_l2r_to_vxm", "oasis_vxm_to_l2r", "mne_to_oasis", "synth_ct", "synth_cardiac", "synth_brain", "multimodal_cardiac")
 QUICK_LAMBDAS = (0.25, 0.5)  # the default and one stronger: the quick sweep's two ends
-FULL_LAMBDAS = (0.05, 0.1, 0.25, 0.5, 0.75)
+FULL_LAMBDAS = (0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 0.7, 0.9)
 SWEEP_PAIRS = {"oasis_l2r_to_vxm", "oasis_vxm_to_l2r"}  # λ sweep here; default λ only elsewhere
 SNAPSHOT_PAIR = "oasis_l2r_to_vxm"
 #: Quick mode leaves out elastix (the slowest peer, 2-3 min a pair on 2 cores, and the least
@@ -74,6 +74,10 @@ QUICK_SWEEP_PAIRS_ONLY = ("network+adapt",)
 PEERS = ("identity", "demons", "ants", "elastix")
 #: The shipped λ-conditioned network, alone and with test-time adaptation (``--with-network``).
 NETWORK_METHODS = ("network", "network+adapt")
+#: Our λ path, with a uniform λ and with a learned λ(x): one run, a prediction per λ of the sweep.
+PATH_METHODS = ("path", "path_sv")
+#: Methods with one run per pair and one row per λ.
+SESSION_METHODS = (*NETWORK_METHODS, *PATH_METHODS)
 METHOD_LABELS = {
     "identity": "no registration",
     "demons": "SimpleITK diffeomorphic demons",
@@ -82,6 +86,8 @@ METHOD_LABELS = {
     "ours": "ours (optimize)",
     "network": "ours (network)",
     "network+adapt": "ours (network + instance adaptation)",
+    "path": "ours (λ path)",
+    "path_sv": "ours (λ path, learned λ(x))",
 }
 
 
@@ -214,27 +220,15 @@ def score(pair: dict, displacement_ras: np.ndarray) -> tuple[dict, np.ndarray]:
     return out, jac
 
 
-# ===================================================================================== methods
-def run_network(pair: dict, adapt: bool, lambdas, row: dict, snapshot: str | None, similarity: str | None = None) -> list[dict]:
-    """The shipped network's rows ("network"; with ``adapt`` "network+adapt"), one per λ of ``lambdas``.
+def sweep_rows(pair: dict, session, lambdas, row: dict, session_s: float, snapshot: str | None, **extra) -> list[dict]:
+    """One scored row per λ from a registration that predicts any λ (the network's session, the λ path).
 
-    Same path as the logic (:func:`predict.register_with_network`): our affine stage, the network,
-    optionally test-time adaptation, once; then one ``predict(λ)`` per λ, as the slider does. A row's
-    ``runtime_s`` is the time to its first result (session + that prediction), ``lambda_change_s``
-    the prediction alone; ``peak_rss_gb`` is taken after the first prediction, before any scoring.
-    ``similarity`` is the affine stage's (default "mse").
+    ``runtime_s`` is the time to that λ's first result (``session_s`` + one ``predict(λ)``),
+    ``update_s`` the prediction alone; ``peak_rss_gb`` is taken after the first prediction, before
+    any scoring; ``extra`` goes into every row.
     """
-    from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA, RegistrationOptions
-    from LearnedRegistrationLib.learned.checkpoint import load_checkpoint
-    from LearnedRegistrationLib.learned.predict import AdaptationOptions, register_with_network
-    from LearnedRegistrationLib.learned.weights import shipped_model_path
+    from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA
 
-    start = time.perf_counter()
-    network, metadata = load_checkpoint(shipped_model_path())
-    session = register_with_network(network, metadata, pair["fixed"], pair["fixed_grid"], pair["moving"], pair["moving_grid"],
-                                    options=RegistrationOptions(similarity=similarity or "mse"),
-                                    adaptation=AdaptationOptions() if adapt else None)
-    session_s = time.perf_counter() - start
     rows, peak = [], None
     for lam in lambdas:
         start = time.perf_counter()
@@ -243,10 +237,56 @@ def run_network(pair: dict, adapt: bool, lambdas, row: dict, snapshot: str | Non
         peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
         metrics, jac = score(pair, result.displacement_ras)
         rows.append({**row, "lambda": lam, "device": result.device, "label": f"{METHOD_LABELS[row['method']]}, λ={lam:g}",
-                     "runtime_s": session_s + predict_s, "lambda_change_s": predict_s, "peak_rss_gb": peak, **metrics})
+                     **extra, "runtime_s": session_s + predict_s, "update_s": predict_s, "peak_rss_gb": peak, **metrics})
         if snapshot and lam == DEFAULT_LAMBDA:
             save_snapshot(pair, result, jac, snapshot)
     return rows
+
+
+# ===================================================================================== methods
+def run_network(pair: dict, adapt: bool, lambdas, row: dict, snapshot: str | None, similarity: str | None = None) -> list[dict]:
+    """The shipped network's rows ("network"; with ``adapt`` "network+adapt"), one per λ of ``lambdas``.
+
+    Same path as the logic (:func:`predict.register_with_network`): our affine stage, the network,
+    optionally test-time adaptation (:func:`predict.adapt`, the λ path started from the network),
+    once; then one ``predict(λ)`` per λ, as the slider does. A row's
+    ``runtime_s`` is the time to its first result (session + that prediction), ``update_s``
+    the prediction alone; ``peak_rss_gb`` is taken after the first prediction, before any scoring.
+    ``similarity`` is the affine stage's (default "mse").
+    """
+    from LearnedRegistrationLib.engine.common import RegistrationOptions
+    from LearnedRegistrationLib.learned.checkpoint import load_checkpoint
+    from LearnedRegistrationLib.learned.predict import adapt as adapt_to_pair
+    from LearnedRegistrationLib.learned.predict import register_with_network
+    from LearnedRegistrationLib.learned.weights import shipped_model_path
+
+    start = time.perf_counter()
+    network, metadata = load_checkpoint(shipped_model_path())
+    options = RegistrationOptions(similarity=similarity or "mse")
+    session = register_with_network(network, metadata, pair["fixed"], pair["fixed_grid"], pair["moving"], pair["moving_grid"],
+                                    options=options)
+    if adapt:
+        session = adapt_to_pair(session, options)
+    session_s = time.perf_counter() - start
+    return sweep_rows(pair, session, lambdas, row, session_s, snapshot)
+
+
+def run_path(pair: dict, spatially_varying: bool, lambdas, row: dict, snapshot: str | None, similarity: str | None = None) -> list[dict]:
+    """The λ path's rows ("path"; with ``spatially_varying`` "path_sv"), one per λ of ``lambdas``.
+
+    Same engine call as the logic (:func:`engine.path.register_path`): one run for the pair, then one
+    ``predict(λ)`` per λ, as the slider does. A row's ``runtime_s`` is the time to its first result
+    (the path run + that prediction), ``path_s`` the path run alone, ``update_s`` the prediction.
+    """
+    from LearnedRegistrationLib.engine.common import RegistrationOptions
+    from LearnedRegistrationLib.engine.path import PathOptions, register_path
+
+    start = time.perf_counter()
+    path = register_path(pair["fixed"], pair["fixed_grid"], pair["moving"], pair["moving_grid"],
+                         RegistrationOptions(similarity=similarity or "mse"), PathOptions(spatially_varying=spatially_varying))
+    path_s = time.perf_counter() - start
+    return sweep_rows(pair, path, lambdas, row, path_s, snapshot,
+                      similarity=similarity or "mse", path_s=path_s, knots=list(path.knots))
 
 
 def run_method(pair: dict, spec: dict, threads: int) -> list[dict]:
@@ -261,6 +301,8 @@ def run_method(pair: dict, spec: dict, threads: int) -> list[dict]:
     row: dict = {"pair": pair["name"], "method": method, "label": METHOD_LABELS[method]}
     if method in NETWORK_METHODS:
         return run_network(pair, method == "network+adapt", spec["lambdas"], row, snapshot, similarity)
+    if method in PATH_METHODS:
+        return run_path(pair, method == "path_sv", spec["lambdas"], row, snapshot, similarity)
     result = None
     start = time.perf_counter()
     if method == "identity":
@@ -393,6 +435,13 @@ def plan(pairs, lambdas, with_network: bool, pair_flags: dict, quick: bool = Fal
                 if name == SNAPSHOT_PAIR and lam == DEFAULT_LAMBDA and sim == "mse":
                     job["snapshot"] = True
                 jobs.append(job)
+            for method in PATH_METHODS:
+                if method == "path_sv" and name not in SWEEP_PAIRS:
+                    continue  # uniform against learned λ(x): on the OASIS pairs
+                job = {"pair": name, "method": method, "lambdas": list(lams), "similarity": sim}
+                if name == SNAPSHOT_PAIR and sim == "mse":
+                    job["snapshot"] = True
+                jobs.append(job)
         if with_network:
             for method in NETWORK_METHODS:
                 if method in QUICK_SWEEP_PAIRS_ONLY and not slow_ok:
@@ -430,7 +479,7 @@ def verdict(rows: list[dict], pair: str) -> list[str]:
     best = max(peers, key=lambda r: r["dice_mean"])
     out = []
     for r in ok:
-        if r["method"] not in ("ours", *NETWORK_METHODS) or r.get("lambda") != DEFAULT_LAMBDA or r.get("similarity", "mse") != "mse":
+        if r["method"] not in ("ours", *SESSION_METHODS) or r.get("lambda") != DEFAULT_LAMBDA or r.get("similarity", "mse") != "mse":
             continue
         ratio = r["runtime_s"] / ants["runtime_s"]
         dice = (f"Dice {r['dice_mean']:.3f} ≥ best peer's {best['dice_mean']:.3f} ({best['label']})" if r["dice_mean"] >= best["dice_mean"]
@@ -441,19 +490,64 @@ def verdict(rows: list[dict], pair: str) -> list[str]:
     return out
 
 
+#: The λ path's accuracy target against an independent optimizer run at each λ (Dice, 30 labels).
+PATH_DICE_TOLERANCE = 0.005
+#: The path's wall-time target, as a multiple of one optimizer run at the default λ.
+PATH_TIME_TARGET = 1.5
+
+
+def path_report(rows: list[dict], pair: str) -> list[str]:
+    """The λ path against the optimizer on one pair: time ratio, Dice per λ, folding and SDlogJ
+    (uniform λ and learned λ(x)); each target stated as met or missed."""
+    from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA
+
+    ok = [r for r in rows if r["pair"] == pair and "error" not in r and r.get("similarity", "mse") == "mse"]
+    optimize = {r["lambda"]: r for r in ok if r["method"] == "ours"}
+    path = {r["lambda"]: r for r in ok if r["method"] == "path"}
+    varying = {r["lambda"]: r for r in ok if r["method"] == "path_sv"}
+    lambdas = sorted(set(optimize) & set(path))
+    if not lambdas or DEFAULT_LAMBDA not in optimize:
+        return []
+    ratio = path[lambdas[0]]["path_s"] / optimize[DEFAULT_LAMBDA]["runtime_s"]
+    out = [f"- Path run {path[lambdas[0]]['path_s']:.1f} s (knots {path[lambdas[0]]['knots']}) = {ratio:.3f}× one optimizer "
+           f"run at λ = {DEFAULT_LAMBDA:g} ({optimize[DEFAULT_LAMBDA]['runtime_s']:.1f} s): target ≤ {PATH_TIME_TARGET}× "
+           + ("met." if ratio <= PATH_TIME_TARGET else f"missed ({ratio:.3f}×)."), ""]
+    out += ["| λ | optimize Dice | path Dice | Δ | path % folding | path SDlogJ | λ update s | learned λ(x): Dice | % folding | SDlogJ |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for lam in lambdas:
+        o, q, v = optimize[lam], path[lam], varying.get(lam, {})
+        out.append(f"| {lam:g} | {o['dice_mean']:.4f} | {q['dice_mean']:.4f} | {q['dice_mean'] - o['dice_mean']:+.4f} | "
+                   f"{q['folding_percent']:.4f} | {q['sdlogj']:.3f} | {q['update_s']:.2f} | "
+                   f"{metric('dice_mean').text(v.get('dice_mean'))} | {metric('folding_percent').text(v.get('folding_percent'))} | "
+                   f"{metric('sdlogj').text(v.get('sdlogj'))} |")
+    worst = max(abs(path[lam]["dice_mean"] - optimize[lam]["dice_mean"]) for lam in lambdas)
+    below = min(path[lam]["dice_mean"] - optimize[lam]["dice_mean"] for lam in lambdas)
+    folding = [path[lam]["folding_percent"] for lam in lambdas]
+    irregularity = [path[lam]["sdlogj"] for lam in lambdas]
+    out += ["", f"- Dice within {PATH_DICE_TOLERANCE} of the optimizer at every λ: "
+            + ("met" if worst <= PATH_DICE_TOLERANCE
+               else f"missed (largest difference {worst:.4f}; the path is at most {max(-below, 0.0):.4f} below the optimizer)") + ".",
+            "- % folding < 0.1 at every λ: " + ("met" if max(folding) < 0.1 else f"missed (largest {max(folding):.4f})") + ".",
+            "- % folding and SDlogJ falling as λ rises: "
+            + ("met" if all(a >= b for a, b in zip(folding, folding[1:])) and all(a >= b for a, b in zip(irregularity, irregularity[1:]))
+               else "missed") + "."]
+    return out
+
+
 def markdown(rows: list[dict], meta: dict, descriptions: dict) -> str:
+    peers = ", ".join(dict.fromkeys(r["method"] for r in rows if r["method"] in PEERS[1:]))
     lines = [
-        f"# Benchmark ({meta['mode']} mode): ours vs "
-        + ", ".join(dict.fromkeys(r["method"] for r in rows if r["method"] in PEERS[1:])), "",
+        f"# Benchmark ({meta['mode']} mode): ours" + (f" vs {peers}" if peers else ""), "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}, {meta['threads']} threads per method, torch {meta['torch']}, "
         f"antspyx {meta['versions'].get('antspyx', '–')}, itk-elastix {meta['versions'].get('itk-elastix', '–')}, "
         f"SimpleITK {meta['versions'].get('SimpleITK', '–')}, date {meta['date']}, total {meta['total_runtime_s']:.0f} s  ",
         "Each method runs in its own process; peak RSS is that process's maximum before scoring. "
         "Wall times on a shared machine are noisy (±30 % between runs).", "",
-        "Frame check (peer fields converted LPS → RAS, real image translated by "
-        f"{meta['frame_check'].get('translation_ras_mm')} mm RAS; expected mean d = t):", "",
     ]
+    if meta["frame_check"].get("peers"):
+        lines += ["Frame check (peer fields converted LPS → RAS, real image translated by "
+                  f"{meta['frame_check'].get('translation_ras_mm')} mm RAS; expected mean d = t):", ""]
     for peer, res in meta["frame_check"].get("peers", {}).items():
         lines.append(f"- {peer}: " + (f"mean d = {res['mean_displacement_ras_mm']} mm, error {res['error_mm']:.2f} mm, "
                                       f"{'OK' if res['ok'] else 'FAILED'}" if "error" not in res else f"error: {res['error']}"))
@@ -468,12 +562,15 @@ def markdown(rows: list[dict], meta: dict, descriptions: dict) -> str:
                              + " |" * (len(TABLE_KEYS) - 2))
                 continue
             lines.append(f"| {r['label']} | " + " | ".join(metric(k).text(r.get(k)) for k in TABLE_KEYS) + " |")
-        network = [r for r in rows if r["pair"] == name and "lambda_change_s" in r]
+        network = [r for r in rows if r["pair"] == name and "update_s" in r]
         if network:
             stages = "affine, network, adaptation" if any(r["method"] == "network+adapt" for r in network) else "affine, network"
-            changes = [r["lambda_change_s"] for r in network]
+            changes = [r["update_s"] for r in network]
             lines += ["", f"Network rows: time to the first result at that λ ({stages} and one prediction); "
                       f"a later λ change (the slider) took {min(changes):.2f}–{max(changes):.2f} s."]
+        against = path_report(rows, name) if name in SWEEP_PAIRS else []
+        if against:
+            lines += ["", "λ path against independent optimizer runs (ours, mse):", "", *against]
         target = verdict(rows, name) if name in SWEEP_PAIRS else []
         if target:
             lines += ["", "Target (ours at the default λ: at least the best peer's Dice at ≤ 0.1× ANTs SyN's time):", "", *target]
@@ -504,7 +601,7 @@ def figures(rows: list[dict], snapshots: dict, out: Path) -> list[str]:
     for name in dict.fromkeys(r["pair"] for r in rows):
         scored = [r for r in rows if r["pair"] == name and "dice_mean" in r]
         curves = {m: sorted((r for r in scored if r["method"] == m and r.get("similarity", "mse") == "mse"), key=lambda r: r["lambda"])
-                  for m in ("ours", *NETWORK_METHODS)}
+                  for m in ("ours", *SESSION_METHODS)}
         if max(len(c) for c in curves.values()) < 2:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.8))
@@ -526,6 +623,29 @@ def figures(rows: list[dict], snapshots: dict, out: Path) -> list[str]:
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         path = out / f"lambda_sweep_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(_relative(path))
+    for name in dict.fromkeys(r["pair"] for r in rows):
+        curves = {m: sorted((r for r in rows if r["pair"] == name and r["method"] == m and "dice_mean" in r
+                             and r.get("similarity", "mse") == "mse"), key=lambda r: r["lambda"]) for m in ("ours", *PATH_METHODS)}
+        if len(curves["path"]) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        for i, (method, curve) in enumerate(curves.items()):
+            if curve:
+                ax.plot([r["sdlogj"] for r in curve], [r["dice_mean"] for r in curve], "o-" if method != "ours" else "s:",
+                        color=f"C{i}", label=METHOD_LABELS[method])
+                for r in curve:
+                    ax.annotate(f"{r['lambda']:g}", (r["sdlogj"], r["dice_mean"]), textcoords="offset points", xytext=(4, 3),
+                                fontsize=7, color=f"C{i}")
+        ax.set_xlabel(metric("sdlogj").header + " (irregularity)")
+        ax.set_ylabel(metric("dice_mean").header)
+        ax.set_title(f"{name}: Dice against SDlogJ over λ, uniform λ vs learned λ(x) (labels: λ)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = out / f"dice_vs_sdlogj_{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(_relative(path))
@@ -633,7 +753,7 @@ def main() -> None:
                 summary = row.get("error") or ", ".join(f"{k} {row[k]:.3f}" for k in ("runtime_s", "dice_mean", "displacement_error_mean_mm") if k in row)
                 print(f"{job['pair']} {row['label']}: {summary}", file=sys.stderr)
         for r in rows:
-            if r["method"] in ("ours", *NETWORK_METHODS) and "error" not in r:
+            if r["method"] in ("ours", *SESSION_METHODS) and "error" not in r:
                 r["comparisons"] = [ratios(r, p) for p in rows
                                     if p["pair"] == r["pair"] and p["method"] in PEERS[1:] and "error" not in p]
         fig_paths = figures(rows, snapshots, args.output / "figures")

@@ -27,11 +27,12 @@ lambda_sweep.json/png  with --lambda-sweep: the metrics at each λ, and Dice (or
                        SDlogJ) against % folding
 =====================  ===========================================================================
 
-``--method``: ``network`` (the shipped λ-conditioned network; a λ change costs a fraction of a
-second), ``network+adapt`` (the network after test-time adaptation on this pair), ``optimize``
-(instance optimization); the default is the most accurate method that is ready
-(:data:`bridge.logic.DEFAULT_METHOD`, today ``optimize``: see ``benchmarks/network.md``).
-The files always hold the registration at ``--lambda``; a sweep only adds its own files.
+``--method``: ``path`` (the default: one run registers the pair for every λ, so a sweep or a λ
+change needs no new optimization), ``optimize`` (instance optimization at one λ), and the
+experimental ``network`` / ``network+adapt`` (the shipped λ-conditioned network, which does not
+beat the affine stage yet: ``benchmarks/network.md``). ``--spatially-varying`` learns a per-pair
+λ(x) with the path (Chen et al.). The files always hold the registration at ``--lambda``; a sweep
+only adds its own files, each row with ``update_s``, the seconds that λ took to update every output.
 
 Everything is written into a temporary folder next to the output folder and moved into place at
 the end, so a failure or Ctrl-C leaves no half-written output. User errors print one line and
@@ -48,10 +49,12 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from ..bridge.compute import DEFAULT_SPATIALLY_VARYING, METHODS
 from ..engine.common import SIMILARITIES, RegistrationCancelled
 from ..engine.metric_table import SWEEP_KEYS, summary
 
@@ -150,9 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="similarity measure: mse (default; same contrast), lncc (same modality), ncc, ngf or mi (multi-modal)",
     )
     register.add_argument(
-        "--method", default=None, choices=["network", "network+adapt", "optimize"],
-        help="network (instant λ changes), network+adapt (test-time adaptation first) or optimize "
-        "(default: optimize, the most accurate today; see benchmarks/network.md)",
+        "--method", default=None, choices=list(METHODS),
+        help="path (default: one run for every λ; a sweep or λ change needs no new optimization), optimize "
+        "(one λ), or the EXPERIMENTAL network / network+adapt (the shipped network does not beat the affine "
+        "stage yet; see benchmarks/network.md)",
+    )
+    register.add_argument(
+        "--spatially-varying", action=argparse.BooleanOptionalAction, default=None,
+        help="with --method path, learn a per-pair regularization map λ(x) (Chen et al.; written to lambda_map.nrrd) "
+        f"(default: {'on' if DEFAULT_SPATIALLY_VARYING else 'off'}, chosen on the OASIS benchmark)",
     )
     register.add_argument("--model", help="network weights file (default: the shipped model)")
     register.add_argument("--adapt-steps", type=int, default=None, help="test-time adaptation steps of network+adapt")
@@ -331,17 +340,19 @@ def _sweep_row(metrics: dict) -> dict:
 
 
 def run_lambda_sweep(logic, outputs, lambdas: Sequence[float], register_again, staging: Path, method: str) -> list[dict]:
-    """Metrics at each λ (network: the instant slider path; optimize: a new run each) and their plot."""
+    """Metrics at each λ (the λ path or a network: the instant slider update of every output node;
+    optimize: a new run each), with the seconds each λ took (``update_s``), and their plot."""
     from ..bridge.logic import jsonSafe
     from .plots import plot_lambda_sweep
 
     rows = []
     for lam in lambdas:
+        start = time.perf_counter()
         if logic.canSetRegularizationInstantly():
             updated = logic.setRegularization(lam)
         else:
             updated = register_again(lam, outputs)
-        rows.append(_sweep_row(updated.metrics))
+        rows.append(dict(_sweep_row(updated.metrics), update_s=time.perf_counter() - start))
     (staging / SWEEP_FILES[0]).write_text(json.dumps(jsonSafe(rows), indent=2) + "\n")
     metric = "dice_mean" if all(r.get("dice_mean") is not None for r in rows) else "sdlogj"
     plot_lambda_sweep(staging / SWEEP_FILES[1], {method: rows}, metric=metric, title=f"λ sweep ({method})")
@@ -376,6 +387,7 @@ def run_register(args) -> dict:
                 initialization=args.initialization,
                 evaluationLabels=evaluation_labels,
                 method=args.method,
+                spatiallyVarying=args.spatially_varying,
                 modelPath=args.model,
                 adaptationSteps=args.adapt_steps,
                 **nodes,

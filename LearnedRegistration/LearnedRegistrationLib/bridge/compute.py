@@ -10,6 +10,7 @@ results into them on the main thread.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,19 +23,31 @@ from ..engine.grid import ImageGrid
 from .tasks import scaled_progress
 
 if TYPE_CHECKING:  # torch-dependent types, imported where they are used
+    from typing import Union
+
     import slicer
 
+    from ..engine.path import LambdaPath
     from ..learned.network import RegistrationNetwork
     from ..learned.predict import NetworkRegistration
 
-#: Registration methods, fastest first.
-METHODS = ("network", "network+adapt", "optimize")
+    #: What a λ change re-evaluates without a new optimization: ``.predict(λ)`` and ``.state()``.
+    InstantSession = Union[LambdaPath, NetworkRegistration]
 
-#: The default method: the most accurate one that is ready. Measured on the OASIS pair
-#: (benchmarks/network.md), the shipped network, trained for under an hour on 2 CPU cores, is not
-#: yet as accurate as instance optimization, so "optimize" stays the default until a network
-#: trained longer beats it; the network methods are there to choose (instant λ slider).
-DEFAULT_METHOD = "optimize"
+#: Registration methods: the λ path (every λ from one run), instance optimization at one λ, and
+#: the experimental λ-conditioned network, alone or adapted to the pair.
+METHODS = ("path", "optimize", "network", "network+adapt")
+#: Methods whose λ changes need no new optimization.
+INSTANT_METHODS = ("path", "network", "network+adapt")
+#: Methods that are experimental: the shipped network, trained for under two hours on 2 CPU cores,
+#: does not beat the affine stage on the OASIS validation pair (benchmarks/network.md).
+EXPERIMENTAL_METHODS = ("network", "network+adapt")
+
+#: The default method: the λ path, as accurate as the optimizer at every λ of the OASIS sweep
+#: (within 0.005 Dice; benchmarks/results.md) and instant on the slider.
+DEFAULT_METHOD = "path"
+#: Whether the λ path learns a per-pair λ(x) by default (decided on the OASIS pairs: benchmarks/results.md).
+DEFAULT_SPATIALLY_VARYING = False
 
 #: Loaded networks by (resolved weights file, modification time): ``(network, metadata)``.
 NetworkCache = dict[tuple[str, int], tuple["RegistrationNetwork", dict]]
@@ -64,7 +77,8 @@ class RegistrationRequest:
     evaluationLabels: Optional[list[int]] = None
     fixedPoints: Optional[np.ndarray] = None
     movingPoints: Optional[np.ndarray] = None
-    method: str = "optimize"
+    method: str = DEFAULT_METHOD
+    spatiallyVarying: bool = DEFAULT_SPATIALLY_VARYING  # learn a per-pair λ(x) map (the λ path)
     modelPath: Optional[str] = None  # network weights (None = the shipped ones)
     adaptationSteps: int = 0
     scene: Optional[slicer.vtkMRMLScene] = None
@@ -92,8 +106,8 @@ class ComputedRegistration:
             ``dice_mean_initial`` (labels resampled without deformation), ``hd95_mean_mm``,
             ``hd95_per_label_mm``; with landmarks ``tre_mean_mm``, ``tre_max_mm``,
             ``tre_initial_mean_mm`` (keys and display: :mod:`engine.metric_table`).
-        session: the network bound to the pair (network methods), re-evaluated at a new λ by
-            ``RegistrationLogic.setRegularization``; None for the optimizer.
+        session: the λ path or the network bound to the pair (:data:`INSTANT_METHODS`), re-evaluated
+            at a new λ by ``RegistrationLogic.setRegularization``; None for the optimizer.
     """
 
     result: RegistrationResult
@@ -101,7 +115,7 @@ class ComputedRegistration:
     difference: np.ndarray
     warpedLabels: Optional[np.ndarray]
     metrics: dict
-    session: Optional[NetworkRegistration] = None
+    session: Optional[InstantSession] = None
 
 
 # --------------------------------------------------------------------------------------- compute
@@ -144,7 +158,7 @@ def computeRegistration(
             cancel=cancelRequested,
         )
     else:
-        session = networkSession(request, report, cancelRequested, networks)
+        session = instantSession(request, report, cancelRequested, networks)
         result = session.predict(request.options.regularization_weight)
     report(0.95, "computing metrics")
     computed = deriveOutputs(request, result, session)
@@ -161,8 +175,9 @@ def computeSweep(
 ) -> list[dict]:
     """The metrics of the registration at each λ of ``lambdas`` (a λ sweep), in order.
 
-    With the optimizer every λ is a registration of its own; with a network method the pair is
-    prepared (and adapted) once and each λ is a prediction of that session.
+    With the optimizer every λ is a registration of its own; with the λ path or a network method
+    the pair is registered once and each λ is a prediction of that session. Each row has
+    ``update_s``: the seconds that λ took (a registration, or a prediction and its outputs).
 
     Raises:
         as :func:`computeRegistration`.
@@ -172,18 +187,19 @@ def computeSweep(
         raise ValueError("a λ sweep needs at least one λ")
     rows: list[dict] = []
     session, first = None, 0.0
-    if request.method != "optimize":  # one network session, a prediction per λ
-        first = 0.5
-        session = networkSession(request, scaled_progress(progressCallback, 0.0, first), cancelRequested, networks)
+    if request.method in INSTANT_METHODS:  # one registration, a prediction per λ
+        first = 0.9
+        session = instantSession(request, scaled_progress(progressCallback, 0.0, first), cancelRequested, networks)
     for index, lam in enumerate(lambdas):
         start = first + (1.0 - first) * index / len(lambdas)
         stop = first + (1.0 - first) * (index + 1) / len(lambdas)
         report = scaled_progress(progressCallback, start, stop, f"λ = {lam:.2f} ({index + 1}/{len(lambdas)}): ")
+        began = time.perf_counter()
         if session is not None:
             computed = deriveOutputs(request.atLambda(lam), session.predict(lam), session)
         else:
             computed = computeRegistration(request.atLambda(lam), report, cancelRequested, networks)
-        rows.append(computed.metrics)
+        rows.append(dict(computed.metrics, update_s=time.perf_counter() - began))
         report(1.0, "done")
     return rows
 
@@ -221,26 +237,55 @@ def loadNetwork(modelPath: Optional[str] = None, networks: Optional[NetworkCache
     return networks[key]
 
 
+def instantSession(
+    request: RegistrationRequest,
+    report: Optional[ProgressCallback] = None,
+    cancelRequested: Optional[CancelCallback] = None,
+    networks: Optional[NetworkCache] = None,
+) -> InstantSession:
+    """The λ path (:func:`engine.path.register_path`) or the network session of the request's method.
+
+    Raises:
+        ValueError: a method without an instant session ("optimize"), or what the engine raises.
+    """
+    if request.method == "path":
+        from ..engine.path import PathOptions, register_path
+
+        return register_path(
+            request.fixed, request.fixedGrid, request.moving, request.movingGrid, request.options,
+            PathOptions(spatially_varying=request.spatiallyVarying), fixed_mask=request.fixedMask,
+            lambda_map=lambdaMapOnFixedGrid(request), progress=report, cancel=cancelRequested,
+        )
+    if request.method in ("network", "network+adapt"):
+        return networkSession(request, report, cancelRequested, networks)
+    raise ValueError(f"the method {request.method!r} has no instant λ session")
+
+
 def networkSession(
     request: RegistrationRequest,
     report: Optional[ProgressCallback] = None,
     cancelRequested: Optional[CancelCallback] = None,
     networks: Optional[NetworkCache] = None,
-) -> NetworkRegistration:
-    """Affine stage of the optimizer, then a :class:`learned.predict.NetworkRegistration` (adapted if asked)."""
-    from ..learned.options import AdaptationOptions
-    from ..learned.predict import register_with_network
+) -> InstantSession:
+    """Affine stage of the optimizer, then a :class:`learned.predict.NetworkRegistration`; with
+    ``network+adapt``, the λ path started from it (:func:`learned.predict.adapt`)."""
+    from ..engine.path import PathOptions
+    from ..learned.predict import adapt, register_with_network
 
     network, metadata = loadNetwork(request.modelPath, networks)
-    adaptation = AdaptationOptions.with_steps(request.adaptationSteps) if request.adaptationSteps > 0 else None
-    return register_with_network(
+    adapting = request.method == "network+adapt" and request.adaptationSteps > 0
+    session = register_with_network(
         network, metadata, request.fixed, request.fixedGrid, request.moving, request.movingGrid, request.options,
-        adaptation, fixed_mask=request.fixedMask, progress=report, cancel=cancelRequested,
+        fixed_mask=request.fixedMask, progress=scaled_progress(report, 0.0, 0.3 if adapting else 1.0), cancel=cancelRequested,
     )
+    if not adapting:
+        return session
+    return adapt(session, request.options, PathOptions(knot_iterations=request.adaptationSteps), request.fixedMask,
+                 scaled_progress(report, 0.3, 1.0, "adapting: "), cancelRequested)
 
 
 def deriveOutputs(
-    request: RegistrationRequest, result: RegistrationResult, session: Optional[NetworkRegistration] = None
+    request: RegistrationRequest, result: RegistrationResult, session: Optional[InstantSession] = None
 ) -> ComputedRegistration:
     """Metrics, warped labels, checkerboard and difference of an engine result (any thread)."""
     from ..engine import metrics as metricsLib
@@ -257,8 +302,10 @@ def deriveOutputs(
         "folding_percent": float(metricsLib.folding_percent(result.jacobian, request.fixedMask)),
         "sdlogj": float(metricsLib.sdlogj(result.jacobian, request.fixedMask)),
     }
-    if session is not None:
-        metrics["adaptation_steps"] = int(session.adapted_steps)
+    if request.method == "network+adapt":
+        metrics["adaptation_steps"] = int(request.adaptationSteps)  # per λ knot of the adapted path
+    if request.method == "path":
+        metrics["spatially_varying"] = bool(request.spatiallyVarying)
 
     warpedLabels = None
     if request.movingLabels is not None:

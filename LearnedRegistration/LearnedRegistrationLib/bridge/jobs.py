@@ -58,8 +58,8 @@ JOB_FORMAT = 1
 
 _REQUEST_ARRAYS = ("fixed", "moving", "fixedMask", "lambdaMap", "fixedLabels", "movingLabels", "fixedPoints", "movingPoints")
 _REQUEST_GRIDS = ("fixedGrid", "movingGrid", "lambdaMapGrid")
-_REQUEST_SETTINGS = ("labelNames", "movingLabelsAreSegmentation", "evaluationLabels", "method", "modelPath",
-                     "adaptationSteps", "outputBaseName", "checkerboardSquareMm")
+_REQUEST_SETTINGS = ("labelNames", "movingLabelsAreSegmentation", "evaluationLabels", "method", "spatiallyVarying",
+                     "modelPath", "adaptationSteps", "outputBaseName", "checkerboardSquareMm")
 _RESULT_ARRAYS = ("warped", "displacement_ras", "jacobian", "lambda_map")
 
 
@@ -118,15 +118,16 @@ def saveComputed(folder: Path, computed: ComputedRegistration) -> None:
     if computed.session is not None:
         import torch
 
-        torch.save(computed.session.state(), folder / "session.pt")
+        torch.save({"method": computed.metrics.get("method"), "state": computed.session.state()}, folder / "session.pt")
 
 
 def loadComputed(folder: Path, request: RegistrationRequest, networks: Optional[NetworkCache] = None) -> ComputedRegistration:
     """The result :func:`saveComputed` wrote, for ``request`` (the one the job ran).
 
-    The metrics come back as JSON gives them (label keys as strings, inf as None); a network
-    session is rebuilt from its state with the network of ``request.modelPath`` (no encoder or
-    adaptation runs again). The velocity field is not carried over (``velocity`` is None).
+    The metrics come back as JSON gives them (label keys as strings, inf as None). The session the
+    λ slider needs is rebuilt from its state: the λ path's knots and velocities, or the network
+    session with the network of ``request.modelPath`` (no optimization, encoder or adaptation runs
+    again). The velocity field is not carried over (``velocity`` is None).
     """
     data = json.loads((folder / "computed.json").read_text())
     with np.load(folder / "computed.npz") as stored:
@@ -140,15 +141,29 @@ def loadComputed(folder: Path, request: RegistrationRequest, networks: Optional[
     if (folder / "session.pt").is_file():
         import torch
 
-        from ..learned.predict import NetworkRegistration
-        from .compute import loadNetwork
-
-        network, metadata = loadNetwork(request.modelPath, networks)
-        state = torch.load(folder / "session.pt", map_location="cpu", weights_only=True)
-        session = NetworkRegistration.restore(network, metadata, request.fixed, request.fixedGrid, request.moving,
-                                              request.movingGrid, state, request.options.device)
+        saved = torch.load(folder / "session.pt", map_location="cpu", weights_only=True)
+        session = restoreSession(saved["method"], saved["state"], request, networks)
     return ComputedRegistration(result, arrays["checkerboard"], arrays["difference"], arrays.get("warpedLabels"),
                                 data["metrics"], session)
+
+
+def restoreSession(method: str, state: dict, request: RegistrationRequest, networks: Optional[NetworkCache] = None):
+    """The instant-λ session of ``method`` from its ``state()``, for ``request``'s images."""
+    from ..engine.common import choose_device
+
+    device = choose_device(request.options.device)
+    if method == "path":
+        from ..engine.path import LambdaPath
+        from .compute import lambdaMapOnFixedGrid
+
+        return LambdaPath.restore(state, request.fixedGrid, request.moving, request.movingGrid,
+                                  lambdaMapOnFixedGrid(request), device)
+    from ..learned.predict import NetworkRegistration
+    from .compute import loadNetwork
+
+    network, metadata = loadNetwork(request.modelPath, networks)
+    return NetworkRegistration.restore(network, metadata, request.fixed, request.fixedGrid, request.moving,
+                                       request.movingGrid, state, device)
 
 
 # ------------------------------------------------------------------------------------ starting

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional, Union
@@ -40,11 +41,13 @@ import vtk
 
 import slicer
 
-from ..engine.common import DEFAULT_LAMBDA, CancelCallback, ProgressCallback, RegistrationOptions
+from ..engine.common import DEFAULT_LAMBDA, PATH_KNOT_ITERATIONS, CancelCallback, ProgressCallback, RegistrationOptions
 from ..engine.grid import ImageGrid
 from . import mrml
 from .compute import (
     DEFAULT_METHOD,
+    DEFAULT_SPATIALLY_VARYING,
+    EXPERIMENTAL_METHODS,
     METHODS,
     ComputedRegistration,
     NetworkCache,
@@ -57,7 +60,7 @@ from .compute import (
 
 if TYPE_CHECKING:  # torch-dependent types, imported where they are used
     from ..learned.network import RegistrationNetwork
-    from ..learned.predict import NetworkRegistration
+    from .compute import InstantSession
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -116,7 +119,7 @@ class RegistrationLogic:
     def __init__(self) -> None:
         self._networks: NetworkCache = {}
         # (request, session, outputs) of the last network registration written, for setRegularization
-        self._interactive: Optional[tuple[RegistrationRequest, NetworkRegistration, RegistrationOutputNodes]] = None
+        self._interactive: Optional[tuple[RegistrationRequest, InstantSession, RegistrationOutputNodes]] = None
 
     # ------------------------------------------------------------------------------------ prepare
     def prepareRegistration(
@@ -138,6 +141,7 @@ class RegistrationLogic:
         initialization: str = "com",
         evaluationLabels: Optional[Sequence[int]] = None,
         method: Optional[str] = None,
+        spatiallyVarying: Optional[bool] = None,
         modelPath: Optional[str] = None,
         adaptationSteps: Optional[int] = None,
     ) -> RegistrationRequest:
@@ -162,29 +166,30 @@ class RegistrationLogic:
             initialization: "com" (align intensity centres of mass), "moments" (also principal
                 axes) or "none" (use the images' positions as they are).
             evaluationLabels: restrict Dice/HD95 to these label values (default: all present).
-            method: "optimize", "network" or "network+adapt" (None = :data:`DEFAULT_METHOD`).
+            method: "path" (every λ from one run: the slider is instant), "optimize" (one λ),
+                or the experimental "network" / "network+adapt" (None = :data:`DEFAULT_METHOD`).
                 The network methods use the optimizer's affine stage, then the network; they
                 ignore ``similarity``, ``iterationScale`` and ``workingSpacingMm``.
+            spatiallyVarying: with "path", learn a per-pair λ(x) map (Chen et al.; None =
+                :data:`DEFAULT_SPATIALLY_VARYING`).
             modelPath: network weights file (None = the shipped ones).
-            adaptationSteps: test-time adaptation effort of "network+adapt": steps per λ knot
-                (None = 15; the first knot gets proportionally more, see
-                :meth:`learned.predict.AdaptationOptions.with_steps`).
+            adaptationSteps: test-time adaptation effort of "network+adapt" (a λ path started from
+                the network): steps per λ knot (None = the path's default,
+                :data:`engine.common.PATH_KNOT_ITERATIONS`).
 
         Raises:
             ValueError: a missing or empty node, a label map / mask whose geometry differs from
                 its image, landmark lists of different lengths, bad option values, an unknown
                 method, or a λ map with a network method (the network predicts its own λ(x)).
         """
-        from ..learned.options import AdaptationOptions
-
         method = DEFAULT_METHOD if method is None else str(method).lower()
         if method not in METHODS:
             raise ValueError(f"unknown registration method {method!r}; choose one of {', '.join(METHODS)}")
-        if method != "optimize" and lambdaMapNode is not None:
+        if method in EXPERIMENTAL_METHODS and lambdaMapNode is not None:
             raise ValueError(
-                "a user-drawn λ map works with the 'optimize' method only; the network predicts its own λ(x)"
+                "a user-drawn λ map works with the 'path' and 'optimize' methods only; the network predicts its own λ(x)"
             )
-        steps = AdaptationOptions.steps if adaptationSteps is None else int(adaptationSteps)
+        steps = PATH_KNOT_ITERATIONS if adaptationSteps is None else int(adaptationSteps)
         if steps < 0:
             raise ValueError(f"adaptation steps must be >= 0, got {adaptationSteps}")
 
@@ -226,6 +231,7 @@ class RegistrationLogic:
             outputBaseName=movingName or "Moving",
             evaluationLabels=None if evaluationLabels is None else [int(v) for v in evaluationLabels],
             method=method,
+            spatiallyVarying=bool(DEFAULT_SPATIALLY_VARYING if spatiallyVarying is None else spatiallyVarying),
             modelPath=None if modelPath is None else str(modelPath),
             adaptationSteps=steps if method == "network+adapt" else 0,
         )
@@ -305,41 +311,73 @@ class RegistrationLogic:
 
     # ------------------------------------------------------------------------------------ interactive λ
     def canSetRegularizationInstantly(self) -> bool:
-        """True when a network registration is in memory (:meth:`setRegularization` needs no new run)."""
+        """True when a λ path or network registration is in memory (:meth:`setRegularization` needs no new run)."""
         return self._interactive is not None
 
-    def networkSession(self) -> Optional[NetworkRegistration]:
-        """The :class:`learned.predict.NetworkRegistration` of the last network registration written, or None.
+    def instantSession(self) -> Optional[InstantSession]:
+        """The session of the last λ-path or network registration written (``engine.path.LambdaPath``
+        or ``learned.predict.NetworkRegistration``), or None.
 
-        For scripting: e.g. ``session.weight_map()`` (λ(x) before scaling by λ) or ``session.predict(λ)``.
+        For scripting: e.g. ``session.predict(λ)``, a path's ``session.knots``, a network's
+        ``session.weight_map()``.
         """
         return None if self._interactive is None else self._interactive[1]
 
-    def setRegularization(self, regularizationWeight: float) -> RegistrationOutputNodes:
-        """Re-evaluate the last network registration at a new λ and update its output nodes in place.
+    def releaseInstantSession(self) -> None:
+        """Forget the session kept for :meth:`setRegularization` (frees its memory; the scene is closing)."""
+        self._interactive = None
 
-        Only the λ-conditioned decoder runs again (the pair's encoder features, affine and
-        adaptation are kept), then every output (warped, displacement, transform, checkerboard,
+    def setRegularization(self, regularizationWeight: float, displayed: Optional[str] = None) -> RegistrationOutputNodes:
+        """Re-evaluate the last λ-path (or network) registration at a new λ and update its output nodes in place.
+
+        No optimization runs: the λ path interpolates its velocities (a network re-runs only its
+        λ-conditioned decoder), then every output (warped, displacement, transform, checkerboard,
         difference, Jacobian, λ map, warped labels, metrics) is rewritten into the same nodes, all
         or nothing (main thread).
 
+        Args:
+            regularizationWeight: the new λ.
+            displayed: the output attribute shown in the views ("warpedVolumeNode",
+                "checkerboardVolumeNode" or "differenceVolumeNode"): with the λ path it is updated
+                first, as soon as the warped image is ready, and the others right after.
+
         Returns:
-            The (same) output nodes, with the new metrics.
+            The (same) output nodes, with the new metrics; ``metrics["update_s"]`` is the time the
+            whole update took, ``metrics["update_displayed_s"]`` the time to the displayed one.
 
         Raises:
-            RuntimeError: no network registration has been written yet (run one with
-                ``method="network"`` or ``"network+adapt"`` first).
+            RuntimeError: no such registration has been written yet (run one with ``method="path"``,
+                ``"network"`` or ``"network+adapt"`` first).
             ValueError: λ outside [0, 1].
         """
         if self._interactive is None:
-            raise RuntimeError("no network registration in memory: register with method 'network' or 'network+adapt' first")
+            raise RuntimeError("no λ-path or network registration in memory: register with method 'path' first")
+        start = time.perf_counter()
         request, session, outputs = self._interactive
         lam = float(regularizationWeight)
         if not 0.0 <= lam <= 1.0 or math.isnan(lam):
             raise ValueError(f"λ must be in [0, 1], got {regularizationWeight}")
         request = request.atLambda(lam)
-        computed = deriveOutputs(request, session.predict(lam), session)
-        return self.writeOutputs(request, computed, outputs)
+        transaction = _SceneTransaction(request.scene)
+        displayedAt = None
+        try:
+            if displayed in _FROM_WARPED and hasattr(session, "evaluate") and getattr(outputs, displayed) is not None:
+                evaluation = session.evaluate(lam)
+                node = transaction.prepare(getattr(outputs, displayed))
+                mrml.updateVolumeNodeFromArray(request.scene, _FROM_WARPED[displayed](request, evaluation.warped),
+                                               request.fixedGrid, node, node.GetName(), copy=False)
+                displayedAt = time.perf_counter() - start
+                result = evaluation.result()
+            else:
+                result = session.predict(lam)
+            computed = deriveOutputs(request, result, session)
+            updated = self.writeOutputs(request, computed, outputs)
+        except BaseException:
+            transaction.rollback()
+            raise
+        updated.metrics["update_s"] = time.perf_counter() - start
+        updated.metrics["update_displayed_s"] = updated.metrics["update_s"] if displayedAt is None else displayedAt
+        return updated
 
     # ------------------------------------------------------------------------------------ write
     def writeOutputs(
@@ -472,6 +510,25 @@ class RegistrationLogic:
         computed = self.computeRegistration(request, progressCallback, cancelRequested)
         return self.writeOutputs(request, computed, outputNodes)
 
+
+def _checkerboardOf(request: RegistrationRequest, warped: np.ndarray) -> np.ndarray:
+    from ..engine.visualization import checkerboard
+
+    return checkerboard(request.fixed, warped, request.fixedGrid, request.checkerboardSquareMm)
+
+
+def _differenceOf(request: RegistrationRequest, warped: np.ndarray) -> np.ndarray:
+    from ..engine.visualization import difference
+
+    return difference(request.fixed, warped)
+
+
+#: Outputs made from the warped image alone (what a λ change can show first), and how.
+_FROM_WARPED = {
+    "warpedVolumeNode": lambda request, warped: warped,
+    "checkerboardVolumeNode": _checkerboardOf,
+    "differenceVolumeNode": _differenceOf,
+}
 
 #: Class each output node must have when given for an in-place update.
 _OUTPUT_CLASSES = {

@@ -26,8 +26,12 @@ if TYPE_CHECKING:
 #: Names of the similarity measures (:func:`similarity.similarity_loss`).
 SIMILARITIES = ("mse", "lncc", "ncc", "ngf", "mi")
 
-#: Default regularization weight λ (slider position) for the optimizer path.
+#: Default regularization weight λ (slider position).
 DEFAULT_LAMBDA = 0.25
+
+#: Adam steps per λ knot of the λ path beyond the reference one (``engine.path.PathOptions``);
+#: here, torch-free, so that the logic can use it before torch is loaded.
+PATH_KNOT_ITERATIONS = 16
 
 INITIALIZATIONS = ("com", "moments", "none")
 AFFINE_MODELS = ("affine", "rigid", "none")

@@ -64,7 +64,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("sdlogj", "SDlogJ", "", ".3f", True),
     Metric("lambda", "λ", "", ".2f", None),
     Metric("runtime_s", "Runtime", "s", ".1f", True),
-    Metric("lambda_change_s", "λ change", "s", ".2f", True),
+    Metric("update_s", "λ update", "s", ".2f", True),
     Metric("peak_rss_gb", "Peak RSS", "GB", ".2f", True),
     Metric("device", "Device", "", "", None),
 )
@@ -75,7 +75,7 @@ _BY_KEY = {m.key: m for m in METRICS}
 EVALUATION_KEYS = ("dice_mean", "dice_mean_initial", "hd95_mean_mm", "tre_mean_mm", "tre_initial_mean_mm",
                    "folding_percent", "sdlogj", "lambda", "runtime_s", "device")
 #: Columns of a λ sweep (the panel's table, the command line's ``lambda_sweep.json``).
-SWEEP_KEYS = ("lambda", "dice_mean", "hd95_mean_mm", "tre_mean_mm", "folding_percent", "sdlogj", "runtime_s")
+SWEEP_KEYS = ("lambda", "dice_mean", "hd95_mean_mm", "tre_mean_mm", "folding_percent", "sdlogj", "runtime_s", "update_s")
 #: What the command line's one-line summary reports, when present.
 SUMMARY_KEYS = ("dice_mean", "hd95_mean_mm", "tre_mean_mm", "displacement_error_mean_mm", "folding_percent",
                 "sdlogj", "runtime_s")

@@ -21,9 +21,10 @@ A ``cancel`` callable is polled every iteration; ``progress`` gets (fraction, me
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -58,6 +59,7 @@ from .transforms import (
     rotation_matrix,
     warp,
 )
+from .weightmap import WeightMap
 
 #: κ: per-similarity scale of the regularization term, so that one λ means about the same
 #: smoothness whichever similarity is chosen (the losses have different ranges). Calibrated on the
@@ -206,44 +208,69 @@ def _optimize_affine(
     return current().detach().double().cpu().numpy()
 
 
-def _optimize_svf(
-    fixed_levels, mask_levels, weight_levels, moving_t, moving_grid, affine, opts, device, ticker, history
-):
-    """SVF stage. Per level the velocity lives on a control grid ``control_spacing_factor`` times
-    coarser than the level, is integrated there and its displacement up-sampled to the level: the
-    similarity sees every level voxel while the costly scaling and squaring runs on 8x fewer."""
-    lam = float(opts.regularization_weight)
-    affine_t = torch.as_tensor(affine, dtype=torch.float32, device=device)
-    velocity_norm: Optional[torch.Tensor] = None
-    control = None
-    for (fixed_l, level), mask_l, weight_l, iters in zip(fixed_levels, mask_levels, weight_levels, opts.deformable_iterations):
+def optimize_velocity(
+    pair: PreparedPair,
+    lam: float,
+    levels: Sequence[int],
+    iterations: Sequence[int],
+    initial: Optional[torch.Tensor] = None,
+    label: str = "deformable",
+    weight_map: Optional[WeightMap] = None,
+    learn_weight_map: bool = False,
+    learning_rate_vox: Optional[float] = None,
+) -> torch.Tensor:
+    """The SVF stage at regularization weight ``lam`` on the pyramid levels ``levels`` (indices into
+    ``pair.levels``, coarse to fine), ``iterations[i]`` Adam steps on ``levels[i]`` (before
+    ``iteration_scale``), starting from ``initial`` (a normalized velocity on any control grid of the
+    same extent; zero when None). With ``weight_map`` the regularization is also weighted by its
+    λ(x) (normalized to mean 1, :mod:`weightmap`), which is optimized along when ``learn_weight_map``.
+
+    Per level the velocity lives on a control grid ``control_spacing_factor`` times coarser than
+    the level, is integrated there and its displacement up-sampled to the level: the similarity
+    sees every level voxel while the costly scaling and squaring runs on 8x fewer.
+
+    Returns:
+        (1, 3, z, y, x) velocity on the last level's control grid, normalized units, (x, y, z).
+    """
+    opts, history, ticker = pair.options, pair.history, pair.ticker
+    velocity_norm = initial
+    for index, iters in zip(levels, iterations):
+        level = pair.levels[index]
         n_iter = max(1, int(round(iters * opts.iteration_scale)))
-        control = level.with_spacing(opts.control_spacing_factor * max(level.spacing))
-        with torch.no_grad():
-            moving_l = _to_level(moving_t, moving_grid, level, _theta(moving_grid, affine_t, level))
-            weight_c = resize_field(weight_l, control.shape)
-        to_norm = per_channel(1.0 / mm_per_normalized_unit(control.shape), device)  # voxels -> normalized
+        control = level.control
+        to_norm = per_channel(1.0 / mm_per_normalized_unit(control.shape), pair.device)  # voxels -> normalized
         if velocity_norm is None:
-            v_vox = torch.zeros((1, 3, *control.shape), dtype=torch.float32, device=device)
+            v_vox = torch.zeros((1, 3, *control.shape), dtype=torch.float32, device=pair.device)
         else:
             v_vox = resize_field(velocity_norm, control.shape) / to_norm
         v_vox.requires_grad_(True)
-        optimizer = torch.optim.Adam([v_vox], lr=opts.learning_rate_vox)
+        groups = [{"params": [v_vox], "lr": opts.learning_rate_vox if learning_rate_vox is None else learning_rate_vox}]
+        if weight_map is not None and learn_weight_map:
+            groups.append({"params": [weight_map.logit], "lr": weight_map.options.learning_rate})
+        optimizer = torch.optim.Adam(groups)
         for _ in range(n_iter):
             optimizer.zero_grad(set_to_none=True)
-            loss, sim, _ = svf_objective(
-                _velocity(v_vox, opts.smoothing_sigma_vox, to_norm), control, fixed_l, moving_l, level.spacing, lam, weight_c, opts.similarity, mask=mask_l,
-                integration_steps=opts.svf_steps, jacobian_penalty=opts.jacobian_penalty,
-                lncc_window_mm=opts.lncc_window_mm,
+            weight = level.weight
+            if weight_map is not None:
+                with torch.set_grad_enabled(learn_weight_map):
+                    weight = weight * weight_map.normalized(control.shape)
+            loss, sim, reg = svf_objective(
+                _velocity(v_vox, opts.smoothing_sigma_vox, to_norm), control, level.fixed, level.moving, level.grid.spacing,
+                lam, weight, opts.similarity, mask=level.mask, integration_steps=opts.svf_steps,
+                jacobian_penalty=opts.jacobian_penalty, lncc_window_mm=opts.lncc_window_mm,
             )
+            if weight_map is not None and learn_weight_map:
+                with torch.no_grad():
+                    energy = diffusion(normalized_to_mm(_velocity(v_vox, opts.smoothing_sigma_vox, to_norm), control), control.spacing)
+                loss = loss + weight_map.penalty(energy, lam, REGULARIZATION_SCALE[opts.similarity])
             loss.backward()
             optimizer.step()
-            ticker.tick(f"deformable {level.shape[::-1]}: similarity {sim.item():.4f}")
-        history[f"svf_{'x'.join(map(str, level.shape[::-1]))}"] = float(sim.item())
-        history[f"time_svf_{'x'.join(map(str, level.shape[::-1]))}_s"] = time.perf_counter() - ticker.started
+            ticker.tick(f"{label} {level.grid.shape[::-1]}: similarity {sim.item():.4f}")
+        history[f"svf_{'x'.join(map(str, level.grid.shape[::-1]))}"] = float(sim.item())
+        history[f"time_svf_{'x'.join(map(str, level.grid.shape[::-1]))}_s"] = time.perf_counter() - ticker.started
         with torch.no_grad():
             velocity_norm = _velocity(v_vox, opts.smoothing_sigma_vox, to_norm)
-    return velocity_norm, control
+    return velocity_norm
 
 
 def _velocity(v_vox: torch.Tensor, smoothing_sigma_vox: float, to_norm: torch.Tensor) -> torch.Tensor:
@@ -368,19 +395,97 @@ def register_images(
             bad options, CUDA requested but absent, or no overlap after initialization.
         RegistrationCancelled: when ``cancel()`` returned True.
     """
-    # Seed inside a fork of torch's global RNG state, so a registration does not reset the
-    # caller's random stream (Slicer's Python console, a training loop, tests).
-    seed = int((options or RegistrationOptions()).seed)
+    with seeded(int((options or RegistrationOptions()).seed)):
+        return _register_images(fixed, fixed_grid, moving, moving_grid, options, fixed_mask, lambda_map, progress, cancel)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch inside a fork of its global RNG state, so that a registration is reproducible and
+    does not reset the caller's random stream (Slicer's Python console, a training loop, tests)."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(seed)
         for index in cuda:
             torch.cuda.default_generators[index].manual_seed(seed)
-        return _register_images(fixed, fixed_grid, moving, moving_grid, options, fixed_mask, lambda_map, progress, cancel)
+        yield
 
 
 def _register_images(fixed, fixed_grid, moving, moving_grid, options, fixed_mask, lambda_map, progress, cancel) -> RegistrationResult:
     """:func:`register_images` after seeding (same arguments and result)."""
+    pair = prepare_pair(fixed, fixed_grid, moving, moving_grid, options, fixed_mask, lambda_map, progress, cancel)
+    velocity = None
+    if pair.levels:
+        velocity = optimize_velocity(pair, float(pair.options.regularization_weight), range(len(pair.levels)),
+                                     pair.options.deformable_iterations)
+    pair.history["time_optimization_s"] = time.perf_counter() - pair.start
+    return finish_registration(pair, velocity, float(pair.options.regularization_weight))
+
+
+@dataclass
+class PyramidLevel:
+    """One deformable level of a :class:`PreparedPair`, every tensor (1, C, ...) on ``grid`` or ``control``.
+
+    Attributes:
+        grid: the level's grid (the fixed grid's extent at the level's spacing).
+        control: the velocity's control grid (``control_spacing_factor`` times coarser, same extent).
+        fixed: normalized fixed image; ``moving``: normalized moving image after the affine stage.
+        mask: similarity mask or None.
+        weight: the user's λ(x) map on ``control`` (ones without one), not scaled by λ.
+    """
+
+    grid: ImageGrid
+    control: ImageGrid
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    mask: Optional[torch.Tensor]
+    weight: torch.Tensor
+
+
+@dataclass
+class PreparedPair:
+    """A pair after checks, intensity preparation, initialization and the affine stage, with its
+    deformable pyramid: what :func:`optimize_velocity` needs at any λ (and :mod:`path` at many).
+
+    Attributes:
+        options: validated options (iteration lists trimmed to the levels that exist).
+        device: where the tensors are.
+        fixed, moving: the validated (Z, Y, X) float32 images; ``fixed_grid``, ``moving_grid``.
+        lambda_map: the user's λ(x) on the fixed grid (ones without one), (Z, Y, X) float32.
+        affine: (4, 4) resampling affine in RAS mm found by the affine stage.
+        levels: the deformable pyramid, coarse to fine.
+        ticker: progress and cancel of the whole run; ``history``: stage losses and times; ``start``:
+            ``time.perf_counter()`` at the start.
+    """
+
+    options: RegistrationOptions
+    device: torch.device
+    fixed: np.ndarray
+    fixed_grid: ImageGrid
+    moving: np.ndarray
+    moving_grid: ImageGrid
+    lambda_map: np.ndarray
+    affine: np.ndarray
+    levels: list[PyramidLevel]
+    ticker: _Progress
+    history: dict
+    start: float
+
+
+def prepare_pair(
+    fixed, fixed_grid, moving, moving_grid, options, fixed_mask, lambda_map, progress, cancel, extra_iterations: int = 0,
+    affine: Optional[np.ndarray] = None,
+) -> PreparedPair:
+    """Checks, intensity preparation, initialization, the affine stage and the deformable pyramid.
+
+    Arguments as :func:`register_images`; ``extra_iterations`` are added to the progress total (the
+    deformable iterations a caller runs beyond one pass over the pyramid, e.g. more λ knots). With
+    ``affine`` (a (4, 4) resampling affine found before), initialization and the affine stage are
+    skipped.
+
+    Raises:
+        as :func:`register_images`.
+    """
     start = time.perf_counter()
     opts = replace(options or RegistrationOptions()).validated()
     fixed = validate_volume("fixed", fixed, fixed_grid)
@@ -408,69 +513,80 @@ def _register_images(fixed, fixed_grid, moving, moving_grid, options, fixed_mask
     mask_t = None if fixed_mask is None else torch.as_tensor((fixed_mask > 0).astype(np.float32), device=device)[None, None]
     lam_t = torch.as_tensor(lam_map, device=device)[None, None]
 
-    affine_levels = _level_grids(fixed_grid, opts.affine_spacings_mm) if opts.affine_model != "none" else []
+    affine_levels = _level_grids(fixed_grid, opts.affine_spacings_mm) if opts.affine_model != "none" and affine is None else []
     deform_levels = _level_grids(fixed_grid, opts.deformable_spacings_mm)
     affine_iters = list(opts.affine_iterations)[-len(affine_levels):] if affine_levels else []
     deform_iters = list(opts.deformable_iterations)[-len(deform_levels):] if deform_levels else []
     opts = replace(opts, affine_iterations=affine_iters, deformable_iterations=deform_iters)
-    total = sum(max(1, int(round(i * opts.iteration_scale))) for i in (*affine_iters, *deform_iters))
+    total = sum(max(1, int(round(i * opts.iteration_scale))) for i in (*affine_iters, *deform_iters)) + int(extra_iterations)
     ticker = _Progress(total, progress, cancel)
     identity = torch.eye(3, 4, device=device)
-
-    def pyramid(levels: list[ImageGrid]):
-        images, masks, lams = [], [], []
-        for level in levels:
-            # the fixed grid and a level grid share the normalized frame: theta is the identity
-            images.append((_to_level(fixed_t, fixed_grid, level, identity), level))
-            masks.append(None if mask_t is None else (_to_level(mask_t, fixed_grid, level, identity, "nearest")))
-            lams.append(_to_level(lam_t, fixed_grid, level, identity))
-        return images, masks, lams
-
     history: dict = {}
     with torch.no_grad():
-        coarse = fixed_grid.with_spacing(max(4.0, *fixed_grid.spacing))
-        moving_coarse_grid = moving_grid.with_spacing(max(4.0, *moving_grid.spacing))
-        init = initial_affine(
-            _to_level(fixed_t, fixed_grid, coarse, identity),
-            coarse,
-            _to_level(moving_t, moving_grid, moving_coarse_grid, identity),
-            moving_coarse_grid,
-            opts.initialization,
-        )
+        if affine is None:
+            coarse = fixed_grid.with_spacing(max(4.0, *fixed_grid.spacing))
+            moving_coarse_grid = moving_grid.with_spacing(max(4.0, *moving_grid.spacing))
+            init = initial_affine(
+                _to_level(fixed_t, fixed_grid, coarse, identity),
+                coarse,
+                _to_level(moving_t, moving_grid, moving_coarse_grid, identity),
+                moving_coarse_grid,
+                opts.initialization,
+            )
+        else:
+            init = np.asarray(affine, dtype=np.float64)
         _check_overlap(fixed_t, fixed_grid, moving_grid, init, device)
     if progress is not None:
         progress(0.0, "initialized")
 
     affine = init
     if affine_levels:
-        fixed_levels, mask_levels, _ = pyramid(affine_levels)
+        with torch.no_grad():
+            # the fixed grid and a level grid share the normalized frame: theta is the identity
+            fixed_levels = [(_to_level(fixed_t, fixed_grid, level, identity), level) for level in affine_levels]
+            mask_levels = [None if mask_t is None else _to_level(mask_t, fixed_grid, level, identity, "nearest")
+                           for level in affine_levels]
         affine = _optimize_affine(fixed_levels, mask_levels, moving_t, moving_grid, init, opts, device, ticker, history)
 
-    velocity, velocity_grid, displacement = None, None, None
-    if deform_levels:
-        fixed_levels, mask_levels, weight_levels = pyramid(deform_levels)
-        velocity, velocity_grid = _optimize_svf(
-            fixed_levels, mask_levels, weight_levels, moving_t, moving_grid, affine, opts, device, ticker, history
-        )
-        with torch.no_grad():
-            displacement = resize_field(integrate_svf(velocity, opts.svf_steps), fixed_grid.shape)
+    levels = []
+    with torch.no_grad():
+        affine_t = torch.as_tensor(affine, dtype=torch.float32, device=device)
+        for grid in deform_levels:
+            control = grid.with_spacing(opts.control_spacing_factor * max(grid.spacing))
+            levels.append(PyramidLevel(
+                grid=grid,
+                control=control,
+                fixed=_to_level(fixed_t, fixed_grid, grid, identity),
+                moving=_to_level(moving_t, moving_grid, grid, _theta(moving_grid, affine_t, grid)),
+                mask=None if mask_t is None else _to_level(mask_t, fixed_grid, grid, identity, "nearest"),
+                weight=resize_field(_to_level(lam_t, fixed_grid, grid, identity), control.shape),
+            ))
+    return PreparedPair(opts, device, fixed, fixed_grid, moving, moving_grid, lam_map, affine, levels, ticker, history, start)
 
-    history["time_optimization_s"] = time.perf_counter() - start
-    displacement_ras = displacement_to_ras(displacement, fixed_grid, affine)
+
+def finish_registration(pair: PreparedPair, velocity: Optional[torch.Tensor], lam: float) -> RegistrationResult:
+    """The full-resolution :class:`RegistrationResult` of ``velocity`` (on the last level's control
+    grid; None = the affine alone) at weight ``lam``."""
+    displacement = None
+    if velocity is not None:
+        with torch.no_grad():
+            displacement = resize_field(integrate_svf(velocity, pair.options.svf_steps), pair.fixed_grid.shape)
+    fixed_grid = pair.fixed_grid
+    displacement_ras = displacement_to_ras(displacement, fixed_grid, pair.affine)
     del displacement
-    warped = resample_image(moving, moving_grid, fixed_grid, displacement_ras)
+    warped = resample_image(pair.moving, pair.moving_grid, fixed_grid, displacement_ras)
     return RegistrationResult(
         fixed_grid=fixed_grid,
         warped=warped.astype(np.float32),
         displacement_ras=displacement_ras,
         jacobian=jacobian_map(displacement_ras, fixed_grid),
-        lambda_map=(float(opts.regularization_weight) * lam_map).astype(np.float32),
-        affine_ras=affine,
+        lambda_map=(float(lam) * pair.lambda_map).astype(np.float32),
+        affine_ras=pair.affine,
         velocity=None if velocity is None else velocity.detach().cpu(),
-        velocity_grid=velocity_grid,
-        runtime_s=time.perf_counter() - start,
-        device=str(device),
-        regularization_weight=float(opts.regularization_weight),
-        similarity=opts.similarity,
-        history=history,
+        velocity_grid=pair.levels[-1].control if velocity is not None else None,
+        runtime_s=time.perf_counter() - pair.start,
+        device=str(pair.device),
+        regularization_weight=float(lam),
+        similarity=pair.options.similarity,
+        history=pair.history,
     )

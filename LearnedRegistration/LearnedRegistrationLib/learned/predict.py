@@ -15,15 +15,12 @@ fixed/moving pair:
    its coarse displacement is sampled trilinearly at every fixed voxel (physical space, so any
    size, spacing and orientation of the fixed image works) and composed with the affine:
    ``d(x) = A(x + u(x)) - x`` in RAS mm, the resampling convention of the whole project.
-3. **adapt** (optional, test-time adaptation): instance optimization *started from the network's
-   prediction*, at a few knots of λ (default 0.1, 0.25, 0.5, 0.75), each warm-started from the
-   previous knot. What is optimized is a residual velocity ``r_k`` per knot on the network's own
-   velocity grid, with the optimizer path's loss (:func:`engine.optimize.svf_objective`) on the working grid:
-   ``(1 - λ)·MSE(fixed, moving∘exp(v)) + κ·mean_x λ·λ̂(x)|∇v|² + γ·negJac``, ``v = v_net(λ) + r``,
-   ``λ̂(x) = λ(x) / mean λ(x)`` the network's map. Afterwards ``predict(λ)`` adds the residual
-   interpolated linearly in λ between knots (constant below the first, fading to 0 at λ = 1), so
-   the slider stays instant. The network itself is never trained here: the shipped weights on
-   disk and in any cached network stay as they are.
+3. **adapt** (:func:`adapt`, optional test-time adaptation): the λ path of :mod:`engine.path`
+   *started from the network's prediction* at each knot (:meth:`NetworkRegistration.velocity_on`
+   resamples it onto the path's velocity grid), with the network's affine. The result is a
+   :class:`engine.path.LambdaPath`: the slider stays instant, and adaptation and the optimizer's
+   λ path are one implementation. The network itself is never trained here: the shipped weights
+   on disk and in any cached network stay as they are.
 
 Outputs are :class:`engine.common.RegistrationResult` objects, so the logic writes them exactly like the
 optimizer's. ``lambda_map`` is the effective regularization weight ``λ · λ(x)`` (Chen et al.,
@@ -40,34 +37,24 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..engine.common import (
     CancelCallback,
     ProgressCallback,
-    RegistrationCancelled,
     RegistrationOptions,
     RegistrationResult,
     choose_device,
-    match_histogram,
     normalize_intensity,
     validate_volume,
 )
+from ..engine.fields import FixedGridSampler, warp_and_displacement
 from ..engine.filters import box_mean
 from ..engine.grid import ImageGrid, mm_per_normalized_unit
 from ..engine.metrics import jacobian_map
-from ..engine.optimize import register_images, svf_objective
-from ..engine.transforms import (
-    AxisAlignedResampler,
-    grid_sample,
-    integrate_svf,
-    per_channel,
-    resample_image,
-    resize_field,
-    sampling_grid,
-)
+from ..engine.optimize import register_images
+from ..engine.path import LambdaPath, PathOptions, register_path
+from ..engine.transforms import grid_sample, resample_image, sampling_grid
 from .network import EncodedPair, RegistrationNetwork
-from .options import AdaptationOptions
 
 
 # --------------------------------------------------------------------------------- working grid
@@ -154,8 +141,6 @@ class NetworkRegistration:
         self.fixed, self.fixed_grid = fixed, fixed_grid
         self.moving, self.moving_grid = moving, moving_grid
         self.affine_ras = np.eye(4) if affine_ras is None else np.asarray(affine_ras, dtype=np.float64)
-        self.adapted_steps = 0
-        self.residuals: list = []  # [(λ knot, (1, 3, z, y, x) residual velocity)], see adapt()
         self.work = working_grid_for(fixed_grid, float(spec["spacing_mm"]), network.config.divisor, spec["direction_ras"])
         self._working_images: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         with torch.no_grad():
@@ -176,17 +161,14 @@ class NetworkRegistration:
     # ----------------------------------------------------------------------------------- state
     def state(self) -> dict:
         """Everything of this session but the network and the images, as plain tensors, numbers and
-        lists (``torch.save`` it; it reads back with ``weights_only=True``): the affine, the encoder
-        features and the adapted residuals. :meth:`restore` rebuilds the session from it without
-        running the encoder or the adaptation again (how the Slicer panel receives a session that
-        a background process computed)."""
+        lists (``torch.save`` it; it reads back with ``weights_only=True``): the affine and the
+        encoder features. :meth:`restore` rebuilds the session from it without running the encoder
+        again (how the Slicer panel receives a session that a background process computed)."""
         return {
             "affine_ras": torch.as_tensor(self.affine_ras, dtype=torch.float64),
             "skips": [t.detach().cpu() for t in self.encoded.skips],
             "padding": [int(p) for p in self.encoded.padding],
             "shape": [int(n) for n in self.encoded.shape],
-            "residuals": [[float(lam), r.detach().cpu()] for lam, r in self.residuals],
-            "adapted_steps": int(self.adapted_steps),
         }
 
     @classmethod
@@ -214,25 +196,12 @@ class NetworkRegistration:
                 f"the saved network session was computed on a working grid of {tuple(session.encoded.skips[0].shape[2:])} "
                 f"voxels, but this fixed image gives {session.work.shape}"
             )
-        session.residuals = [(float(lam), r.to(session.device)) for lam, r in state["residuals"]]
-        session.adapted_steps = int(state["adapted_steps"])
         return session
 
     def _prepare_full_resolution(self) -> None:
-        """Cache what every λ needs: the moving image as a tensor and the two 3x3 maps from a
-        normalized working displacement to RAS mm (through the affine) and to the moving image's
-        normalized frame (the fixed voxels' working positions come in :meth:`_to_fixed`)."""
-        # Geometry of the network's output grid, built by _coarse_fields() for the shape it sees:
-        self._coarse_shape = self._extended_grid = self._coarse_base = None
-        self._resampler = None  # fixed <- extended grid, when axis-aligned (see _to_fixed())
-        self._points = None  # else (1, Z, Y, X, 3) fixed voxels in the extended grid's frame
-        a3 = self.affine_ras[:3, :3]
-        to_moving = self.moving_grid.ras_to_normalized
-        # normalized working displacement (x, y, z) -> mm along working I, J, K -> RAS -> through A
-        to_ras = a3 @ np.asarray(self.work.direction) @ np.diag(self.work.normalized_unit_mm)
-        # (3, 6): a row vector u maps to [RAS mm | moving image's normalized frame]
-        linear = np.concatenate([to_ras.T, (to_moving[:3, :3] @ to_ras).T], axis=1)
-        self._linear = torch.as_tensor(linear.astype(np.float32), device=self.device)
+        """Cache what every λ needs: the moving image as a tensor and the sampler of the network's
+        coarse fields at the fixed voxels (:class:`engine.fields.FixedGridSampler`)."""
+        self._sampler = FixedGridSampler(self.fixed_grid, self.work, self.affine_ras, self.moving_grid, self.device)
         self.moving_tensor = torch.as_tensor(np.ascontiguousarray(self.moving, dtype=np.float32), device=self.device)[None, None]
 
     # ----------------------------------------------------------------------------------- predict
@@ -247,163 +216,50 @@ class NetworkRegistration:
         if not 0.0 <= lam <= 1.0 or math.isnan(lam):
             raise ValueError(f"λ must be in [0, 1], got {lam}")
         start = time.perf_counter()
-        out = self._decode(lam)
-        fields = self._coarse_fields(out)  # (1, 7, z + 2, y + 2, x + 2)
-        sampled = self._to_fixed(fields)[0]  # (7, Z, Y, X)
-        displacement_ras = sampled[:3].permute(1, 2, 3, 0).contiguous().cpu().numpy()  # (Z, Y, X, 3) RAS mm
-        moving_points = sampled[3:6].permute(1, 2, 3, 0).contiguous().unsqueeze(0)  # (1, Z, Y, X, 3)
-        warped = grid_sample(self.moving_tensor, moving_points, "linear", padding_mode="zeros")[0, 0]
-        del moving_points
-        weight_map = sampled[6]
-        result = RegistrationResult(
+        out = self.network.decode_coarse(self.encoded, lam)
+        warped, displacement_ras, weight_map = warp_and_displacement(self._sampler, self.moving_tensor, out.displacement,
+                                                                    out.weight_map)
+        return RegistrationResult(
             fixed_grid=self.fixed_grid,
-            warped=warped.cpu().numpy(),
+            warped=warped,
             displacement_ras=displacement_ras,
             jacobian=jacobian_map(displacement_ras, self.fixed_grid),
-            lambda_map=(lam * weight_map).cpu().numpy(),
+            lambda_map=(lam * weight_map[0]).cpu().numpy(),
             affine_ras=self.affine_ras,
             velocity=out.velocity.cpu(),
             velocity_grid=self.work.resized(out.velocity.shape[2:]),
             runtime_s=time.perf_counter() - start,
             device=str(self.device),
             regularization_weight=lam,
-            similarity="network" if not self.adapted_steps else f"network+adapt({self.adapted_steps})",
+            similarity="network",
             history={"time_predict_s": time.perf_counter() - start, "time_prepare_s": self.prepare_s},
         )
-        return result
-
-    def _to_fixed(self, coarse: torch.Tensor) -> torch.Tensor:
-        """(1, C, z + 2, y + 2, x + 2) fields on the extended output grid (:meth:`_coarse_fields`) ->
-        (1, C, Z, Y, X) at the fixed voxels (trilinear): three 1-D passes when the grids are
-        axis-aligned, else ``grid_sample``."""
-        if self._resampler is not None:
-            return self._resampler(coarse)
-        if self._points is None:
-            self._points = sampling_grid(self.fixed_grid, self._extended_grid, device=self.device)
-        return grid_sample(coarse, self._points, "linear", padding_mode="border")
-
-    def _coarse_fields(self, out) -> torch.Tensor:
-        """Everything a slider move samples, on the network's output grid: (1, 7, z + 2, y + 2, x + 2)
-        = RAS displacement ``d = A(x + u) - x`` (mm, 3), moving-image normalized position of
-        ``A(x + u)`` (3) and λ(x) (1).
-
-        The affine parts are linear in ``x``, and trilinear interpolation reproduces linear
-        functions exactly, so sampling these channels at the fixed voxels gives the same
-        displacement and moving positions as composing at full resolution, for a fraction of the
-        memory traffic. The grid is extended by one voxel on every side, because the outermost
-        fixed voxels may lie up to half a working voxel beyond the working grid's outermost voxel
-        centres: there the affine part is still computed exactly and the network's part takes its
-        border value.
-        """
-        u = out.displacement  # (1, 3, z, y, x) normalized working units
-        shape = tuple(u.shape[2:])
-        if self._coarse_shape != shape:
-            self._coarse_shape = shape
-            grid = self.work.resized(shape)
-            extended = ImageGrid(tuple(n + 2 for n in shape), grid.spacing, grid.origin - grid.direction @ np.asarray(grid.spacing), grid.direction)
-            ras = extended.world_points()  # (z + 2, y + 2, x + 2, 3) RAS mm
-            moved = ras @ self.affine_ras[:3, :3].T + self.affine_ras[:3, 3]
-            to_moving = self.moving_grid.ras_to_normalized
-            base = np.concatenate([moved - ras, moved @ to_moving[:3, :3].T + to_moving[:3, 3]], axis=-1)
-            self._coarse_base = torch.as_tensor(base.transpose(3, 0, 1, 2)[None].astype(np.float32), device=self.device)
-            self._extended_grid = extended
-            self._resampler = AxisAlignedResampler.between(self.fixed_grid, extended, self.device)
-            self._points = None
-        deformable = torch.cat([torch.einsum("nkzyx,kc->nczyx", u, self._linear), out.weight_map], dim=1)
-        deformable = F.pad(deformable, (1,) * 6, mode="replicate")  # border value, like grid_sample's "border"
-        return torch.cat([self._coarse_base + deformable[:, :6], deformable[:, 6:]], dim=1)
-
-    def residual(self, lam: float) -> Optional[torch.Tensor]:
-        """Adapted residual velocity at ``lam`` (None before :meth:`adapt`): linear between knots,
-        the first knot's below it, fading linearly to zero between the last knot and λ = 1."""
-        if not self.residuals:
-            return None
-        knots = [k for k, _ in self.residuals] + [1.0]
-        fields = [r for _, r in self.residuals] + [torch.zeros_like(self.residuals[0][1])]
-        if lam <= knots[0]:
-            return fields[0]
-        for (k0, f0), (k1, f1) in zip(zip(knots, fields), zip(knots[1:], fields[1:])):
-            if lam <= k1:
-                t = (lam - k0) / (k1 - k0)
-                return (1.0 - t) * f0 + t * f1
-        return fields[-1]
-
-    def _decode(self, lam: float):
-        """The network's coarse fields at ``lam``, plus the adapted residual when there is one."""
-        out = self.network.decode_coarse(self.encoded, lam)
-        residual = self.residual(lam)
-        if residual is None:
-            return out
-        velocity = out.velocity + residual
-        return out._replace(velocity=velocity, displacement=integrate_svf(velocity, self.network.config.integration_steps))
 
     @torch.no_grad()
     def weight_map(self, lam: float = 0.5) -> np.ndarray:
         """The network's λ(x) ∈ (0, 1) (not scaled by λ) on the fixed grid, (Z, Y, X) float32."""
         out = self.network.decode_coarse(self.encoded, float(lam))
-        return self._to_fixed(self._coarse_fields(out)[:, 6:])[0, 0].cpu().numpy()
+        return self._sampler.to_fixed(self._sampler.coarse_fields(out.displacement, out.weight_map)[:, 6:])[0, 0].cpu().numpy()
 
-    # ----------------------------------------------------------------------------------- adapt
-    def adapt(
-        self,
-        options: Optional[AdaptationOptions] = None,
-        progress: Optional[ProgressCallback] = None,
-        cancel: Optional[CancelCallback] = None,
-    ) -> list[dict]:
-        """Test-time adaptation: residual velocities at the knots of λ (module docstring).
+    # ----------------------------------------------------------------------------------- start
+    @torch.no_grad()
+    def velocity_on(self, lam: float, grid: ImageGrid) -> torch.Tensor:
+        """The network's velocity at ``lam`` resampled onto ``grid`` (trilinear, border values outside
+        the working grid), in ``grid``'s normalized units: (1, 3, z, y, x), channels (x, y, z).
 
-        Replaces any earlier adaptation. On cancellation the session is left as before the call.
-
-        Returns:
-            One dict per knot: ``lambda``, ``steps``, final ``similarity``, ``regularization``, ``loss``.
-
-        Raises:
-            engine.common.RegistrationCancelled: when ``cancel()`` returned True.
+        The starting point of the network's test-time adaptation, a λ path on the fixed image's
+        grid (:func:`adapt`). Vectors are rotated from the working grid's frame into ``grid``'s
+        (through RAS mm); both velocities act before the affine, on the fixed side.
         """
-        options = (options or AdaptationOptions()).validated()
-        moving = match_histogram(self.moving, self.fixed)
-        moving_work = torch.as_tensor(to_working_grid(moving, self.moving_grid, self.work, self.affine_ras))[None, None].to(self.device)
-        fixed_work = self.working_images()[0]
-        levels = {"fine": (fixed_work, moving_work)}
-        if options.coarse_steps:
-            half = tuple(max(2, n // 2) for n in self.work.shape)
-            levels["coarse"] = tuple(resize_field(box_mean(x, [3, 3, 3]), half) for x in (fixed_work, moving_work))
-        steps_total, done = options.total_steps, 0
-        residuals, history = [], []
-        previous = None
-        for index, lam in enumerate(float(k) for k in options.knots):
-            with torch.no_grad():
-                out = self.network.decode_coarse(self.encoded, lam)
-            grid = self.work.resized(out.velocity.shape[2:])
-            to_norm = per_channel(1.0 / mm_per_normalized_unit(grid.shape), self.device)  # voxels -> normalized
-            residual_vox = (torch.zeros_like(out.velocity) if previous is None else previous / to_norm).requires_grad_(True)
-            optimizer = torch.optim.Adam([residual_vox], lr=options.learning_rate_vox)
-            schedule = [("coarse", options.coarse_steps), ("fine", options.first_steps)] if index == 0 else [("fine", options.steps)]
-            for level, steps in schedule:
-                fixed_l, moving_l = levels.get(level, levels["fine"])
-                for _ in range(int(steps)):
-                    if cancel is not None and cancel():
-                        raise RegistrationCancelled("adaptation cancelled")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, sim, reg = svf_objective(
-                        out.velocity + residual_vox * to_norm, grid, fixed_l, moving_l,
-                        self.work.resized(fixed_l.shape[2:]).spacing, lam, out.weight_map, "mse",
-                        normalize_weight_map=True, integration_steps=self.network.config.integration_steps,
-                        jacobian_penalty=options.jacobian_penalty,
-                    )
-                    loss.backward()
-                    optimizer.step()
-                    done += 1
-                    if progress is not None:
-                        progress(done / max(1, steps_total), f"adapting at λ = {lam:g}: step {done}/{steps_total}")
-            previous = (residual_vox * to_norm).detach()
-            residuals.append((lam, previous))
-            ran = sum(n for _, n in schedule)
-            history.append({"lambda": lam, "steps": ran, "similarity": sim.item() if ran else None,
-                            "regularization": reg.item() if ran else None, "loss": loss.item() if ran else None})
-        self.residuals = residuals
-        self.adapted_steps = done
-        return history
+        velocity = self.network.decode_coarse(self.encoded, float(lam)).velocity
+        source = self.work.resized(velocity.shape[2:])
+        points = sampling_grid(grid, source, device=self.device)
+        resampled = grid_sample(velocity, points, "linear", padding_mode="border")
+        # normalized working vector -> RAS mm -> grid's normalized frame
+        to_ras = np.asarray(self.work.direction) @ np.diag(self.work.normalized_unit_mm)
+        to_grid = np.diag(1.0 / grid.normalized_unit_mm) @ np.asarray(grid.direction).T @ to_ras
+        matrix = torch.as_tensor(to_grid.astype(np.float32), device=self.device)
+        return torch.einsum("ck,nkzyx->nczyx", matrix, resampled)
 
 
 def register_with_network(
@@ -414,20 +270,18 @@ def register_with_network(
     moving: np.ndarray,
     moving_grid: ImageGrid,
     options: Optional[RegistrationOptions] = None,
-    adaptation: Optional[AdaptationOptions] = None,
     fixed_mask: Optional[np.ndarray] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCallback] = None,
 ) -> NetworkRegistration:
-    """The network method end to end: the optimizer's affine stage, then a :class:`NetworkRegistration`
-    (adapted when ``adaptation`` is given). Call ``.predict(λ)`` on the result for any λ.
+    """The network method end to end: the optimizer's affine stage, then a :class:`NetworkRegistration`.
+    Call ``.predict(λ)`` on the result for any λ.
 
     Args:
         options: :class:`engine.common.RegistrationOptions` for the affine stage (initialization,
             affine model and pyramid, similarity, device); its deformable levels are ignored.
-        adaptation: test-time adaptation settings, or None for the network alone.
         fixed_mask: optional (Z, Y, X) mask on the fixed grid for the affine similarity.
-        progress, cancel: as in :func:`engine.optimize.register_images` (affine 0-30 %, adaptation 35-95 %).
+        progress, cancel: as in :func:`engine.optimize.register_images`.
 
     Raises:
         ValueError: bad images (as :func:`engine.optimize.register_images`).
@@ -442,11 +296,34 @@ def register_with_network(
     report(0.0, "affine alignment")
     affine = register_images(
         fixed, fixed_grid, moving, moving_grid, affine_only, fixed_mask=fixed_mask,
-        progress=lambda fraction, message: report(0.3 * fraction, message), cancel=cancel,
+        progress=lambda fraction, message: report(0.9 * fraction, message), cancel=cancel,
     ).affine_ras
-    report(0.3, "network: encoding the pair")
+    report(0.9, "network: encoding the pair")
     session = NetworkRegistration(network, metadata, fixed, fixed_grid, moving, moving_grid, affine, options.device)
-    if adaptation is not None:
-        session.adapt(adaptation, progress=lambda fraction, message: report(0.35 + 0.6 * fraction, message), cancel=cancel)
+    report(1.0, "network ready")
     return session
 
+
+def adapt(
+    session: NetworkRegistration,
+    options: Optional[RegistrationOptions] = None,
+    path: Optional[PathOptions] = None,
+    fixed_mask: Optional[np.ndarray] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCallback] = None,
+) -> LambdaPath:
+    """Test-time adaptation of the network to its pair: the λ path (:func:`engine.path.register_path`)
+    started from the network's prediction at each knot, with the network's affine. The network
+    itself is never trained here (the shipped weights stay as they are).
+
+    Args:
+        session: the network bound to the pair (:func:`register_with_network`).
+        options, fixed_mask, progress, cancel: as :func:`engine.path.register_path`.
+        path: the path's knots and steps per knot.
+
+    Raises:
+        as :func:`engine.path.register_path`.
+    """
+    return register_path(session.fixed, session.fixed_grid, session.moving, session.moving_grid, options, path,
+                         fixed_mask=fixed_mask, progress=progress, cancel=cancel, start=session.velocity_on,
+                         affine=session.affine_ras)
