@@ -58,6 +58,23 @@ def data_file(data_dir):
     return get
 
 
+@pytest.fixture(scope="session")
+def device():
+    """The torch device the engine tests compute on: ``$LEARNEDREG_TEST_DEVICE`` (default ``cpu``).
+
+    ``LEARNEDREG_TEST_DEVICE=cuda`` runs them on a GPU (``scripts/gpu_check.py`` does so on a lent
+    one). A device that is not there fails the test rather than skipping it, so a GPU run cannot
+    silently test the CPU.
+    """
+    from LearnedRegistrationLib.engine.common import choose_device
+
+    name = os.environ.get("LEARNEDREG_TEST_DEVICE", "").strip() or "cpu"
+    try:
+        return choose_device(name)
+    except ValueError as exc:
+        pytest.fail(f"LEARNEDREG_TEST_DEVICE={name!r}: {exc}")
+
+
 @pytest.fixture
 def slicer_app(tmp_path):
     """A fresh headless slicer-core scene with the module logics (closed after the test)."""

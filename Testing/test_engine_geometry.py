@@ -1,12 +1,15 @@
-"""Engine geometry: grids, warping against SimpleITK, scaling and squaring, inverse, Jacobians."""
+"""Engine geometry: grids, warping against SimpleITK, scaling and squaring, inverse, Jacobians.
+
+The tests on torch tensors take the ``device`` fixture (``LEARNEDREG_TEST_DEVICE``, default cpu);
+the comparisons with SimpleITK import it in the test, so that the rest runs where it is absent
+(the GPU machine of ``scripts/gpu_check.py``).
+"""
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from LearnedRegistrationLib.engine.grid import LPS_TO_RAS, ImageGrid
-from LearnedRegistrationLib.engine.imageio import grid_from_sitk, sitk_image
 from LearnedRegistrationLib.engine.metrics import jacobian_map
 from LearnedRegistrationLib.engine.transforms import (
     AxisAlignedResampler,
@@ -22,6 +25,14 @@ from LearnedRegistrationLib.engine.transforms import (
 )
 
 from conftest import oblique_grid, rotation_about
+
+
+def simpleitk():
+    """``(SimpleITK, imageio.grid_from_sitk, imageio.sitk_image)``; skips where SimpleITK is not installed."""
+    sitk = pytest.importorskip("SimpleITK")
+    from LearnedRegistrationLib.engine.imageio import grid_from_sitk, sitk_image
+
+    return sitk, grid_from_sitk, sitk_image
 
 
 def geometry_grid(shape=(18, 20, 22), spacing=(1.5, 1.2, 2.0)):
@@ -46,6 +57,7 @@ def strictly_inside(points_ras, grid):
 
 
 def test_grid_matches_simpleitk_index_to_point():
+    sitk, grid_from_sitk, sitk_image = simpleitk()
     grid = geometry_grid()
     image = sitk_image(np.zeros(grid.shape, np.float32), grid)
     for ijk in [(0, 0, 0), (3, 5, 7), (21, 19, 17)]:
@@ -74,6 +86,7 @@ def test_resized_grid_keeps_corner_voxel_centres():
 @pytest.mark.parametrize("degrees", [0.0, 12.0])
 def test_affine_resampling_matches_simpleitk(degrees):
     """Translation and rotation, oblique grids of different size/spacing: max error < 1e-4 of the range."""
+    sitk, _, sitk_image = simpleitk()
     moving_grid = geometry_grid()
     fixed_grid = ImageGrid((16, 17, 19), (1.3, 1.4, 1.7), np.array([-10.0, 9.0, 5.0]), rotation_about([0, 1, 1], -10))
     moving = smooth_image(moving_grid.shape)
@@ -100,6 +113,7 @@ def test_affine_resampling_matches_simpleitk(degrees):
 
 
 def test_displacement_resampling_matches_simpleitk_displacement_field():
+    sitk, _, sitk_image = simpleitk()
     grid = oblique_grid((14, 15, 16), (2.0, 2.0, 2.5))
     moving = smooth_image(grid.shape, seed=3)
     points = grid.world_points()
@@ -118,17 +132,17 @@ def test_displacement_resampling_matches_simpleitk_displacement_field():
     np.testing.assert_allclose(ours[inside], theirs[inside], atol=1e-4 * np.ptp(moving))
 
 
-def test_scaling_and_squaring_of_constant_velocity_is_translation():
-    velocity = torch.zeros(1, 3, 10, 11, 12, dtype=torch.float64)
+def test_scaling_and_squaring_of_constant_velocity_is_translation(device):
+    velocity = torch.zeros(1, 3, 10, 11, 12, dtype=torch.float64, device=device)
     velocity[:, 0], velocity[:, 1], velocity[:, 2] = 0.1, -0.05, 0.02
     displacement = integrate_svf(velocity, steps=7)
     torch.testing.assert_close(displacement, velocity, atol=1e-10, rtol=0)
 
 
-def test_inverse_svf_composes_to_identity():
+def test_inverse_svf_composes_to_identity(device):
     torch.manual_seed(0)
     shape = (24, 24, 24)
-    coarse = torch.randn(1, 3, 4, 4, 4, dtype=torch.float64) * 0.1
+    coarse = (torch.randn(1, 3, 4, 4, 4, dtype=torch.float64) * 0.1).to(device)
     velocity = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
     forward = integrate_svf(velocity, 8)
     inverse = integrate_svf(-velocity, 8)
@@ -141,12 +155,12 @@ def test_inverse_svf_composes_to_identity():
     assert interior.abs().max() < 0.2 * voxel
 
 
-def test_warp_by_translation_shifts_image():
-    image = torch.zeros(1, 1, 9, 9, 9, dtype=torch.float64)
+def test_warp_by_translation_shifts_image(device):
+    image = torch.zeros(1, 1, 9, 9, 9, dtype=torch.float64, device=device)
     image[0, 0, 4, 4, 5] = 1.0
-    disp = torch.zeros(1, 3, 9, 9, 9, dtype=torch.float64)
+    disp = torch.zeros(1, 3, 9, 9, 9, dtype=torch.float64, device=device)
     disp[:, 0] = 2.0 / 8  # one voxel along x: warped(x) = image(x + 1)
-    out = warp(image, disp)
+    out = warp(image, disp).cpu()
     assert out[0, 0, 4, 4, 4] == pytest.approx(1.0)
     assert out.sum() == pytest.approx(1.0)
 
@@ -161,19 +175,19 @@ def test_jacobian_of_affine_is_its_determinant():
     np.testing.assert_allclose(jac, np.linalg.det(affine[:3, :3]), rtol=1e-4)
 
 
-def test_normalized_mm_conversion_round_trip():
+def test_normalized_mm_conversion_round_trip(device):
     grid = geometry_grid()
-    field = torch.randn(1, 3, *grid.shape)
+    field = torch.randn(1, 3, *grid.shape).to(device)
     torch.testing.assert_close(mm_to_normalized(normalized_to_mm(field, grid), grid), field)
     # one voxel along I in normalized units is spacing_I mm
-    one = torch.zeros(1, 3, *grid.shape)
+    one = torch.zeros(1, 3, *grid.shape, device=device)
     one[:, 0] = 2.0 / (grid.size_ijk[0] - 1)
     assert normalized_to_mm(one, grid)[0, 0, 0, 0, 0].item() == pytest.approx(grid.spacing[0])
 
 
-def test_displacement_to_ras_of_normalized_translation():
+def test_displacement_to_ras_of_normalized_translation(device):
     grid = geometry_grid()
-    disp = torch.zeros(1, 3, *grid.shape)
+    disp = torch.zeros(1, 3, *grid.shape, device=device)
     disp[:, 1] = 2.0 / (grid.size_ijk[1] - 1)  # one voxel along J
     d = displacement_to_ras(disp, grid)
     expected = grid.direction[:, 1] * grid.spacing[1]
@@ -181,16 +195,16 @@ def test_displacement_to_ras_of_normalized_translation():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_axis_aligned_resampler_equals_grid_sample_on_permuted_flipped_anisotropic_grids(channels_last):
+def test_axis_aligned_resampler_equals_grid_sample_on_permuted_flipped_anisotropic_grids(channels_last, device):
     # target: axes permuted and flipped relative to the source, odd sizes, anisotropic, shifted so
     # some target voxels fall outside the source (border padding), one axis two voxels thick
     source = ImageGrid((9, 7, 6), (3.0, 2.5, 4.0), np.array([1.0, -2.0, 3.5]), np.array([[-1.0, 0, 0], [0, 0, 1], [0, -1, 0]]))
     for shape in ((23, 17, 30), (2, 17, 31)):
         target = ImageGrid(shape, (1.1, 0.7, 1.3), np.array([-3.0, 8.0, -14.0]), np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]]))
-        field = torch.randn(1, 4, *source.shape, generator=torch.Generator().manual_seed(1))
-        resampler = AxisAlignedResampler.between(target, source)
+        field = torch.randn(1, 4, *source.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        resampler = AxisAlignedResampler.between(target, source, device)
         assert resampler is not None
-        expected = grid_sample(field, sampling_grid(target, source), "linear", padding_mode="border")
+        expected = grid_sample(field, sampling_grid(target, source, device=device), "linear", padding_mode="border")
         if channels_last:
             expected = expected.permute(0, 2, 3, 4, 1)
         got = resampler(field, channels_last=channels_last)

@@ -1,4 +1,8 @@
-"""Similarity, regularization and metrics: closed-form values, gradcheck, bad shapes."""
+"""Similarity, regularization and metrics: closed-form values, gradcheck, bad shapes.
+
+The tests on torch tensors take the ``device`` fixture (``LEARNEDREG_TEST_DEVICE``, default cpu);
+their inputs are drawn on the CPU and moved, so every device sees the same numbers.
+"""
 
 import numpy as np
 import pytest
@@ -12,12 +16,12 @@ from LearnedRegistrationLib.engine.metrics import dice_mean, dice_per_label, fol
 from LearnedRegistrationLib.engine.visualization import checkerboard, difference
 
 
-def pair(shape=(5, 6, 7), seed=0):
+def pair(shape=(5, 6, 7), seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     fixed = torch.rand(1, 1, *shape, generator=g, dtype=torch.float64)
-    warped = (0.6 * fixed + 0.4 * torch.rand(1, 1, *shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    warped = 0.6 * fixed + 0.4 * torch.rand(1, 1, *shape, generator=g, dtype=torch.float64)
     mask = (torch.rand(1, 1, *shape, generator=g, dtype=torch.float64) > 0.3).to(torch.float64)
-    return fixed, warped, mask
+    return fixed.to(device), warped.to(device).requires_grad_(True), mask.to(device)
 
 
 @pytest.mark.parametrize(
@@ -31,8 +35,8 @@ def pair(shape=(5, 6, 7), seed=0):
     ],
     ids=["mse", "ncc", "lncc", "ngf", "mi"],
 )
-def test_similarity_gradcheck(loss):
-    fixed, warped, mask = pair()
+def test_similarity_gradcheck(loss, device):
+    fixed, warped, mask = pair(device=device)
     assert torch.autograd.gradcheck(lambda w: loss(fixed, w, mask), (warped,), eps=1e-6, atol=1e-5)
 
 
@@ -41,18 +45,18 @@ def test_similarity_gradcheck(loss):
     [
         lambda u: reg.diffusion(u, (1.0, 2.0, 1.5)),
         lambda u: reg.bending_energy(u, (1.0, 2.0, 1.5)),
-        lambda u: reg.weighted_diffusion(u, (1.0, 2.0, 1.5), torch.linspace(0, 1, 210, dtype=torch.float64).view(1, 1, 5, 6, 7)),
+        lambda u: reg.weighted_diffusion(u, (1.0, 2.0, 1.5), torch.linspace(0, 1, 210, dtype=torch.float64, device=u.device).view(1, 1, 5, 6, 7)),
         lambda u: reg.negative_jacobian_penalty(u, (1.0, 1.0, 1.0), threshold=1.5),
     ],
     ids=["diffusion", "bending", "weighted_diffusion", "negative_jacobian"],
 )
-def test_regularization_gradcheck(energy):
-    u = (0.3 * torch.randn(1, 3, 5, 6, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).requires_grad_(True)
+def test_regularization_gradcheck(energy, device):
+    u = (0.3 * torch.randn(1, 3, 5, 6, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).to(device).requires_grad_(True)
     assert torch.autograd.gradcheck(energy, (u,), eps=1e-6, atol=1e-5)
 
 
-def test_similarity_of_identical_images_is_best():
-    fixed, _, mask = pair()
+def test_similarity_of_identical_images_is_best(device):
+    fixed, _, mask = pair(device=device)
     assert sim.mse(fixed, fixed).item() == 0.0
     assert sim.ncc(fixed, fixed).item() == pytest.approx(0.0, abs=1e-6)
     assert sim.ncc(fixed, -fixed).item() == pytest.approx(2.0, abs=1e-6)
@@ -60,16 +64,16 @@ def test_similarity_of_identical_images_is_best():
     # NGF is invariant to intensity scale; its optimum is below 1 because of the edge parameter
     assert sim.ngf(fixed, 3 * fixed).item() == pytest.approx(sim.ngf(fixed, fixed).item())
     # (own generator, so the result does not depend on what ran before in the same process)
-    unrelated = torch.rand(fixed.shape, generator=torch.Generator().manual_seed(7), dtype=fixed.dtype)
+    unrelated = torch.rand(fixed.shape, generator=torch.Generator().manual_seed(7), dtype=fixed.dtype).to(device)
     assert sim.ngf(fixed, fixed).item() < sim.ngf(fixed, unrelated).item() - 0.1
     # MI ranks an intensity-remapped copy above an unrelated image
-    other = torch.rand(fixed.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    other = torch.rand(fixed.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(device)
     assert sim.mutual_information(fixed, 1 - fixed ** 2).item() < sim.mutual_information(fixed, other).item()
 
 
-def test_masked_mse_ignores_masked_out_voxels():
-    fixed = torch.zeros(1, 1, 4, 4, 4)
-    warped = torch.zeros(1, 1, 4, 4, 4)
+def test_masked_mse_ignores_masked_out_voxels(device):
+    fixed = torch.zeros(1, 1, 4, 4, 4, device=device)
+    warped = torch.zeros(1, 1, 4, 4, 4, device=device)
     warped[..., 0] = 10.0
     mask = torch.ones_like(fixed)
     mask[..., 0] = 0
@@ -88,24 +92,24 @@ def test_bad_shapes_raise_value_error():
         sim.similarity_loss("ssd", torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))
 
 
-def test_diffusion_of_linear_field_is_closed_form():
+def test_diffusion_of_linear_field_is_closed_form(device):
     # u_x = a * x (mm) -> du_x/dx = a everywhere -> energy a^2
-    grid_x = torch.arange(8, dtype=torch.float64).view(1, 1, 8) * 2.0  # spacing 2 mm
-    u = torch.zeros(1, 3, 6, 7, 8, dtype=torch.float64)
+    grid_x = torch.arange(8, dtype=torch.float64, device=device).view(1, 1, 8) * 2.0  # spacing 2 mm
+    u = torch.zeros(1, 3, 6, 7, 8, dtype=torch.float64, device=device)
     u[:, 0] = 0.1 * grid_x
     assert reg.diffusion(u, (2.0, 1.0, 1.0)).item() == pytest.approx(0.01)
     assert reg.bending_energy(u, (2.0, 1.0, 1.0)).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_beta_prior_is_lowest_at_its_mode():
+def test_beta_prior_is_lowest_at_its_mode(device):
     alpha, beta = 3.0, 5.0
     mode = (alpha - 1) / (alpha + beta - 2)
-    values = [reg.beta_prior_nll(torch.full((4,), w), alpha, beta).item() for w in (0.1, mode, 0.8)]
+    values = [reg.beta_prior_nll(torch.full((4,), w, device=device), alpha, beta).item() for w in (0.1, mode, 0.8)]
     assert values[1] < values[0] and values[1] < values[2]
 
 
-def test_box_mean_matches_pooling():
-    x = torch.rand(2, 3, 9, 11, 13, dtype=torch.float64)
+def test_box_mean_matches_pooling(device):
+    x = torch.rand(2, 3, 9, 11, 13, dtype=torch.float64).to(device)
     expected = torch.nn.functional.avg_pool3d(x, (7, 5, 3), 1, (3, 2, 1), count_include_pad=False)
     torch.testing.assert_close(box_mean(x, (3, 5, 7)), expected)
 

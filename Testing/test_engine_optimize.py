@@ -1,4 +1,7 @@
-"""Instance optimization on small seeded problems (CPU): convergence, λ behaviour, cancel, bad input."""
+"""Instance optimization on small seeded problems: convergence, λ behaviour, cancel, bad input.
+
+The registrations run on the ``device`` fixture's device (``LEARNEDREG_TEST_DEVICE``, default cpu).
+"""
 
 import numpy as np
 import pytest
@@ -10,11 +13,14 @@ from LearnedRegistrationLib.engine.metrics import dice_mean, displacement_error,
 from LearnedRegistrationLib.engine.optimize import register_images
 from LearnedRegistrationLib.engine.transforms import resample_image
 
+#: A short schedule. Without histogram matching: the demo pair has one contrast (nothing to match),
+#: and the matching needs SimpleITK, which the GPU machine of scripts/gpu_check.py lacks.
 QUICK = dict(
     affine_spacings_mm=(6.0,),
     affine_iterations=(40,),
     deformable_spacings_mm=(6.0, 3.0),
     deformable_iterations=(60, 40),
+    histogram_matching=False,
 )
 
 
@@ -24,11 +30,11 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def results(demo):
+def results(demo, device):
     """Two registrations of the demo pair, at a small and a large λ."""
     out = {}
     for lam in (0.1, 0.8):
-        opts = RegistrationOptions(regularization_weight=lam, affine_model="none", **QUICK)
+        opts = RegistrationOptions(regularization_weight=lam, affine_model="none", device=str(device), **QUICK)
         out[lam] = register_images(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, opts)
     return out
 
@@ -55,12 +61,12 @@ def test_larger_lambda_gives_smoother_field(results):
     assert large.regularization_weight == 0.8
 
 
-def test_result_shapes_and_frames(demo, results):
+def test_result_shapes_and_frames(demo, results, device):
     result = results[0.1]
     assert result.warped.shape == demo.fixed_grid.shape
     assert result.displacement_ras.shape == (*demo.fixed_grid.shape, 3)
     assert result.jacobian.shape == result.lambda_map.shape == demo.fixed_grid.shape
-    assert result.device == "cpu"
+    assert result.device == str(device)
     # warped is the moving image resampled through the returned field
     again = resample_image(demo.moving, demo.moving_grid, demo.fixed_grid, result.displacement_ras)
     np.testing.assert_allclose(result.warped, again, atol=1e-5)
@@ -73,12 +79,12 @@ def rotated_grid(grid: ImageGrid, degrees: float, shift_mm) -> ImageGrid:
 
 
 @pytest.mark.parametrize("model", ["rigid", "affine"])
-def test_affine_stage_recovers_a_rigid_motion(demo, model):
+def test_affine_stage_recovers_a_rigid_motion(demo, model, device):
     """The same voxels placed with a rotated/shifted geometry: the affine must undo it (< 1 mm)."""
     moving_grid = rotated_grid(demo.fixed_grid, 6.0, [5.0, -4.0, 3.0])
     opts = RegistrationOptions(
         affine_model=model, deformable_spacings_mm=(), deformable_iterations=(),
-        affine_spacings_mm=(6.0, 3.0), affine_iterations=(80, 60),
+        affine_spacings_mm=(6.0, 3.0), affine_iterations=(80, 60), histogram_matching=False, device=str(device),
     )
     result = register_images(demo.fixed, demo.fixed_grid, demo.fixed, moving_grid, opts)
     # true resampling map: fixed RAS -> same voxel in the moving geometry
@@ -89,7 +95,7 @@ def test_affine_stage_recovers_a_rigid_motion(demo, model):
     assert np.linalg.norm(mapped - expected, axis=1).mean() < 1.0
 
 
-def test_progress_and_cancel(demo):
+def test_progress_and_cancel(demo, device):
     calls = []
 
     def cancel():
@@ -97,7 +103,7 @@ def test_progress_and_cancel(demo):
 
     with pytest.raises(RegistrationCancelled):
         register_images(
-            demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, RegistrationOptions(**QUICK),
+            demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, RegistrationOptions(**QUICK, device=str(device)),
             progress=lambda fraction, message: calls.append((fraction, message)), cancel=cancel,
         )
     assert len(calls) == 3
@@ -105,22 +111,22 @@ def test_progress_and_cancel(demo):
     assert fractions == sorted(fractions) and all(0 <= f <= 1 for f in fractions)
 
 
-def test_registration_leaves_the_callers_random_stream_alone(demo):
+def test_registration_leaves_the_callers_random_stream_alone(demo, device):
     import torch
 
     torch.manual_seed(1234)
     expected = torch.rand(5)
     torch.manual_seed(1234)
     with pytest.raises(RegistrationCancelled):  # a short run is enough: the seed is set first
-        register_images(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, RegistrationOptions(**QUICK, seed=7),
-                        cancel=lambda: True)
+        register_images(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid,
+                        RegistrationOptions(**QUICK, seed=7, device=str(device)), cancel=lambda: True)
     assert torch.equal(torch.rand(5), expected)
 
 
-def test_lambda_map_is_used_and_reported(demo):
+def test_lambda_map_is_used_and_reported(demo, device):
     lam_map = np.ones(demo.fixed_grid.shape, np.float32)
     lam_map[:, :, : lam_map.shape[2] // 2] = 0.2
-    opts = RegistrationOptions(regularization_weight=0.5, affine_model="none", iteration_scale=0.25, **QUICK)
+    opts = RegistrationOptions(regularization_weight=0.5, affine_model="none", iteration_scale=0.25, device=str(device), **QUICK)
     result = register_images(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, opts, lambda_map=lam_map)
     np.testing.assert_allclose(result.lambda_map, 0.5 * lam_map)
 
@@ -141,10 +147,11 @@ def test_bad_moving_image_is_rejected(demo, make, message):
         register_images(demo.fixed, demo.fixed_grid, bad, grid or demo.moving_grid, RegistrationOptions(**QUICK))
 
 
-def test_no_overlap_after_initialization(demo):
+def test_no_overlap_after_initialization(demo, device):
     far = ImageGrid(demo.moving_grid.shape, demo.moving_grid.spacing, demo.moving_grid.origin + 1000.0, demo.moving_grid.direction)
     with pytest.raises(ValueError, match="does not overlap"):
-        register_images(demo.fixed, demo.fixed_grid, demo.moving, far, RegistrationOptions(initialization="none", **QUICK))
+        register_images(demo.fixed, demo.fixed_grid, demo.moving, far,
+                        RegistrationOptions(initialization="none", device=str(device), **QUICK))
 
 
 def test_bad_options_and_masks(demo):

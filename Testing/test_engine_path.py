@@ -1,10 +1,13 @@
 """The λ path (engine.path): one run, every λ; and the per-pair λ(x) map (engine.weightmap).
 
-Small synthetic pairs on the CPU: the built-in demo phantom (a smooth known deformation) and a pair
-whose deformation is local (one bump), so that a learned λ(x) has something to say.
+Small synthetic pairs on the ``device`` fixture's device (``LEARNEDREG_TEST_DEVICE``, default cpu):
+the built-in demo phantom (a smooth known deformation) and a pair whose deformation is local (one
+bump), so that a learned λ(x) has something to say.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,9 +21,16 @@ from LearnedRegistrationLib.engine.path import LambdaPath, PathOptions, register
 from LearnedRegistrationLib.engine.regularization import diffusion
 from LearnedRegistrationLib.engine.transforms import normalized_to_mm, resample_image
 
-#: A quick schedule for 2 mm, 32^3 images.
+#: A quick schedule for 2 mm, 32^3 images. Without histogram matching: the pairs have one contrast
+#: (nothing to match), and the matching needs SimpleITK, which the GPU machine of scripts/gpu_check.py lacks.
 QUICK = RegistrationOptions(deformable_spacings_mm=(8.0, 4.0), deformable_iterations=(40, 20), affine_iterations=(20, 10),
-                            device="cpu")
+                            histogram_matching=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def quick(device):
+    """:data:`QUICK` on the device under test."""
+    return replace(QUICK, device=str(device))
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +39,12 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def path(demo):
-    return register_path(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, QUICK, PathOptions(knot_iterations=6))
+def path(demo, quick):
+    return register_path(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, quick, PathOptions(knot_iterations=6))
 
 
-def test_the_path_reproduces_the_optimizer_at_its_reference_knot(demo, path):
-    optimized = register_images(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, QUICK)
+def test_the_path_reproduces_the_optimizer_at_its_reference_knot(demo, path, quick):
+    optimized = register_images(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, quick)
     assert 0.25 in path.knots and path.knots == sorted(path.knots)
     at = path.predict(0.25)
     np.testing.assert_allclose(at.displacement_ras, optimized.displacement_ras, atol=2e-3)  # float32 sampling vs float64
@@ -76,15 +86,15 @@ def test_the_path_registers_better_than_no_registration_at_every_knot(demo, path
 
 
 def test_state_round_trip_gives_the_same_outputs(demo, path):
-    restored = LambdaPath.restore(path.state(), demo.fixed_grid, demo.moving, demo.moving_grid)
+    restored = LambdaPath.restore(path.state(), demo.fixed_grid, demo.moving, demo.moving_grid, device=path.device)
     for lam in (0.1, 0.6):
         np.testing.assert_array_equal(restored.predict(lam).displacement_ras, path.predict(lam).displacement_ras)
 
 
-def test_cancel_and_bad_options(demo):
+def test_cancel_and_bad_options(demo, quick):
     calls = []
     with pytest.raises(RegistrationCancelled):
-        register_path(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, QUICK, PathOptions(knot_iterations=2),
+        register_path(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, quick, PathOptions(knot_iterations=2),
                       progress=lambda f, m: calls.append(f), cancel=lambda: len(calls) > 20)
     with pytest.raises(ValueError, match="knots"):
         PathOptions(knots=(0.5, 0.2)).validated()
@@ -103,9 +113,9 @@ def _local_pair():
     return demo.fixed, grid, moving, bump, centre
 
 
-def test_learned_lambda_map_is_in_zero_one_and_lower_where_the_pair_deforms():
+def test_learned_lambda_map_is_in_zero_one_and_lower_where_the_pair_deforms(quick):
     fixed, grid, moving, bump, centre = _local_pair()
-    path = register_path(fixed, grid, moving, grid, QUICK, PathOptions(knot_iterations=4, spatially_varying=True))
+    path = register_path(fixed, grid, moving, grid, quick, PathOptions(knot_iterations=4, spatially_varying=True))
     assert path.learned_map is not None
     result = path.predict(0.5)
     weight = result.lambda_map / 0.5  # λ(x) / the prior's mode: 1 is the uniform weight

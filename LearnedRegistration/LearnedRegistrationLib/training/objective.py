@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -150,6 +150,31 @@ def registration_loss(
     return LossTerms(loss, dice.mean(), reg.mean(), prior)
 
 
+def network_output(
+    network: RegistrationNetwork, pair: SynthesizedPair, lam: torch.Tensor, autocast_dtype: Optional[torch.dtype] = None
+) -> NetworkOutput:
+    """The network's prediction for a training batch, ``network(pair.fixed, pair.moving, lam)``.
+
+    With ``autocast_dtype`` (``torch.bfloat16``) the λ-free encoder runs under ``torch.autocast`` on
+    the images' device and its features are cast back to float32 for the decoder. The decoder stays
+    in float32 because it also integrates the velocity (scaling and squaring inside
+    :meth:`RegistrationNetwork.decode_coarse`): under autocast the velocity head's output would be
+    bfloat16, and :func:`engine.transforms.warp` builds its sampling grid in the displacement's dtype,
+    so the positions would be rounded to bfloat16 (8 significant bits: steps of 2⁻⁸ near ±1, about a
+    fifth of a voxel on a 112-voxel axis) at every squaring. The loss is computed from these float32
+    outputs.
+
+    Returns:
+        :class:`NetworkOutput`, float32, on the input grid.
+    """
+    if autocast_dtype is None:
+        return network(pair.fixed, pair.moving, lam)
+    with torch.autocast(pair.fixed.device.type, dtype=autocast_dtype):
+        encoded = network.encode(pair.fixed, pair.moving)
+    encoded = encoded._replace(skips=[s.float() for s in encoded.skips])
+    return network.decode(encoded, lam)
+
+
 def train_step(
     network: RegistrationNetwork,
     optimizer: torch.optim.Optimizer,
@@ -159,11 +184,13 @@ def train_step(
     spacing_mm: float,
     config: LossConfig = LossConfig(),
     dice_offset: Sequence[int] = (0, 0, 0),
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> LossTerms:
-    """One optimizer step on ``pair``; returns the detached loss terms."""
+    """One optimizer step on ``pair``; returns the detached loss terms. ``autocast_dtype``: see
+    :func:`network_output` (None = float32 throughout)."""
     network.train()
     optimizer.zero_grad(set_to_none=True)
-    output = network(pair.fixed, pair.moving, lam)
+    output = network_output(network, pair, lam, autocast_dtype)
     terms = registration_loss(output, pair, lam, label_values, spacing_mm, config, dice_offset)
     terms.loss.backward()
     optimizer.step()
