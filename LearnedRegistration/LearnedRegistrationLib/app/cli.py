@@ -34,9 +34,24 @@ beat the affine stage yet: ``benchmarks/network.md``). ``--spatially-varying`` l
 λ(x) with the path (Chen et al.). The files always hold the registration at ``--lambda``; a sweep
 only adds its own files, each row with ``update_s``, the seconds that λ took to update every output.
 
-Everything is written into a temporary folder next to the output folder and moved into place at
-the end, so a failure or Ctrl-C leaves no half-written output. User errors print one line and
-exit with status 2; Ctrl-C exits with 130.
+Input files are checked before Slicer's libraries load: a missing file, a truncated or corrupt
+compressed file (the gzip stream must end with a valid checksum; NIfTI and NRRD must hold the
+voxel bytes their header announces), a 2D image or one whose voxel axes are not perpendicular is
+refused at once. **NaN and infinite voxels**: ITK's NIfTI reader turns them into 0 (so a
+``.nii``/``.nii.gz`` with NaN background registers as if it were 0 there); other formats (NRRD,
+MHA) keep them, and such an image is refused. Clean the NaNs or mask them if 0 is not right.
+
+The output folder (:mod:`.outputs`): everything is written into a hidden staging folder next to
+it and published at the end as one set, so a failure, Ctrl-C, SIGTERM or SIGHUP leaves no
+half-written output. In an existing folder only this tool's file names (the table above, plus
+``true_displacement.nrrd`` for the demo) are replaced; an earlier run's outputs that this run does
+not write are removed; other files and any folder are never touched; an output path that is one
+of the inputs is refused. A staging folder left by a killed run is removed (or its committed set
+completed) by the next run into the same place once that process is gone.
+
+Exit status: 0 done; 2 a user error (one line on stderr, nothing written: bad option or path,
+unreadable or damaged input, an input that would be overwritten, an unusable model, a full disk);
+128 + n on signal n (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), after cleaning up.
 """
 
 from __future__ import annotations
@@ -46,9 +61,8 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
+import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,28 +71,38 @@ from typing import Optional
 from ..bridge.compute import DEFAULT_SPATIALLY_VARYING, METHODS
 from ..engine.common import SIMILARITIES, RegistrationCancelled
 from ..engine.metric_table import SWEEP_KEYS, summary
+from .outputs import (
+    METRICS_FILE,
+    OUTPUT_FILES,
+    RECORD_KEY,
+    SCENE_FILE,
+    SWEEP_FILES,
+    TRUE_DISPLACEMENT_FILE,
+    WARPED_SEGMENTATION_FILE,
+    OutputFolderError,
+    StagedOutput,
+    refuse_outputs_over_inputs,
+    signals_raise,
+)
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "METRICS_FILE", "OUTPUT_FILES", "SCENE_FILE", "SWEEP_FILES", "main"]
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+#: Exit status after Ctrl-C (128 + SIGINT); SIGTERM and SIGHUP give 128 + their number.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
-#: Output file names, in the order they are written.
-OUTPUT_FILES = {
-    "warpedVolumeNode": "warped.nrrd",
-    "displacementVolumeNode": "displacement.nrrd",
-    "transformNode": "transform.h5",
-    "checkerboardVolumeNode": "checkerboard.nrrd",
-    "differenceVolumeNode": "difference.nrrd",
-    "jacobianVolumeNode": "jacobian.nrrd",
-    "lambdaMapVolumeNode": "lambda_map.nrrd",
-    "warpedLabelNode": "warped_labels.nrrd",
-}
-SCENE_FILE = "scene.mrb"
-METRICS_FILE = "metrics.json"
-SWEEP_FILES = ("lambda_sweep.json", "lambda_sweep.png")
+#: Options naming image files, checked before Slicer loads (:func:`check_input_files`).
+IMAGE_OPTIONS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "lambda_map")
+#: Options naming other input files.
+OTHER_FILE_OPTIONS = ("fixed_landmarks", "moving_landmarks", "labels_json", "model")
 
 
 class UserError(Exception):
     """An error the user can fix (bad path, bad option); reported in one line, exit status 2."""
+
+
+class OutputWriteError(UserError):
+    """Writing the results failed (a full disk, a folder that became unwritable)."""
 
 
 def _default_labels_key(table: dict) -> str:
@@ -134,10 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="register a moving image to a fixed image (or run the built-in demo)",
         description="Register MOVING to FIXED and write the results into OUTPUT_DIR. "
         "Without --fixed/--moving, runs the built-in demo pair and reports the error against its known displacement.",
+        epilog="Inputs: truncated or corrupt files, 2D images and images whose axes are not perpendicular are refused. "
+        "NaN or infinite voxels: ITK's NIfTI reader turns them into 0 (.nii/.nii.gz); in other formats they are "
+        "refused. Output folder: results are staged beside it and published as one set at the end; only this "
+        "tool's file names are replaced, an earlier run's outputs this run does not write are removed, other files "
+        "and folders are never touched, and an output that is an input is refused. Ctrl-C, SIGTERM and SIGHUP "
+        "clean up and exit with 128 + the signal number; user errors print one line and exit with 2.",
     )
-    register.add_argument("--fixed", help="fixed image (NRRD, NIfTI, MHA, ... any ITK format)")
+    register.add_argument(
+        "--fixed", help="fixed image (NRRD, NIfTI, MHA, ... any ITK format; NaN voxels in NIfTI are read as 0)"
+    )
     register.add_argument("--moving", help="moving image")
-    register.add_argument("--output-dir", required=True, help="folder for the results (created; existing files replaced)")
+    register.add_argument(
+        "--output-dir", required=True,
+        help="folder for the results (created; this tool's earlier results there are replaced as a set, other files kept)",
+    )
     register.add_argument("--fixed-labels", help="label map on the fixed image's grid (for Dice/HD95)")
     register.add_argument("--moving-labels", help="label map on the moving image's grid (warped to warped_labels.nrrd)")
     register.add_argument("--fixed-mask", help="mask on the fixed image's grid: similarity only where it is non-zero")
@@ -169,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lambda-sweep", metavar="L1,L2,...",
         help="also compute the metrics at each of these λ (written to lambda_sweep.json and lambda_sweep.png)",
     )
-    register.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    register.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     register.add_argument("--eval-labels", help="comma-separated label values to score (default: every label present)")
     register.add_argument("--labels-json", help="JSON file with lists of label values to score")
     register.add_argument("--labels-key", help="key of the list in --labels-json (default: voxelmorph_eval_labels_30, else the first list)")
@@ -187,51 +222,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ------------------------------------------------------------------------------------------ output folder
-def prepare_output(output_dir: str) -> tuple[Path, Path]:
-    """Check that ``output_dir`` can be written and make a staging folder next to it.
+# ------------------------------------------------------------------------------------------ inputs
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_input_files(args):
+    """Check every input file named on the command line, before Slicer's libraries load.
+
+    Every file must exist (all are checked before any is opened); images must be complete,
+    readable, 3D and with perpendicular axes (:func:`engine.imageio.check_image_file`).
 
     Returns:
-        ``(output_dir, staging_dir)``; the staging folder is in the output folder's parent (the
-        same file system, so the final move is a rename).
+        The fixed image's :class:`engine.grid.ImageGrid` as ITK reads the file (the grid the
+        output volumes are written on), or None for the built-in demo.
 
     Raises:
-        UserError: the path is a file, its parent cannot be created, or it is not writable.
+        UserError: one line naming the option and the file.
     """
-    output = Path(output_dir).expanduser().absolute()
-    if output.exists() and not output.is_dir():
-        raise UserError(f"the output folder '{output}' exists and is not a folder")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.learnedreg-", dir=output.parent))
-    except OSError as error:
-        raise UserError(f"cannot write the output folder '{output}': {error.strerror or error}") from None
-    if output.is_dir():
-        probe = output / f".learnedreg-write-test-{os.getpid()}"
-        try:
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise UserError(f"cannot write the output folder '{output}': {error.strerror or error}") from None
-    return output, staging
+    from ..engine.imageio import check_image_file
 
-
-def publish_output(staging: Path, output: Path) -> None:
-    """Move the staged files into ``output`` (a rename of the whole folder when it does not exist yet)."""
-    if not output.exists():
-        # mkdtemp made the staging folder private (0700); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-        os.replace(staging, output)
-        return
-    for item in staging.iterdir():
-        target = output / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
+    if bool(args.fixed) != bool(args.moving):
+        raise UserError("give both --fixed and --moving (or neither, for the built-in demo)")
+    for name in (*IMAGE_OPTIONS, *OTHER_FILE_OPTIONS):
+        path = getattr(args, name)
+        if path and not Path(path).expanduser().is_file():
+            what = "image file" if name in IMAGE_OPTIONS else "file"
+            raise UserError(f"{_option(name)}: {what} not found: {path}")
+    grids = {}
+    for name in IMAGE_OPTIONS:
+        path = getattr(args, name)
+        if path:
+            try:
+                grids[name] = check_image_file(Path(path).expanduser())
+            except (ValueError, OSError) as error:
+                raise UserError(f"{_option(name)}: {error}") from None
+    return grids.get("fixed")
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -260,8 +286,6 @@ class _ProgressBar:
 
 def _load_inputs(slicer_app, args) -> dict:
     """Load the files named on the command line into nodes; returns the node keyword arguments."""
-    if bool(args.fixed) != bool(args.moving):
-        raise UserError("give both --fixed and --moving (or neither, for the built-in demo)")
     nodes = {
         "fixedVolumeNode": slicer_app.loadVolume(args.fixed, "fixed"),
         "movingVolumeNode": slicer_app.loadVolume(args.moving, "moving"),
@@ -323,14 +347,20 @@ def _quiet_vtk_log(verbose: bool):
 
 
 def parse_lambda_sweep(text: Optional[str]) -> list[float]:
-    """``"0.1,0.5"`` -> [0.1, 0.5]; every value in [0, 1]. Raises UserError."""
-    if not text:
+    """``"0.1,0.5"`` -> [0.1, 0.5]; every value in [0, 1]; None (no sweep) -> [].
+
+    Raises:
+        UserError: not numbers, a value outside [0, 1], or no value at all (``--lambda-sweep ""``).
+    """
+    if text is None:
         return []
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--lambda-sweep needs comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+    if not values:
+        raise UserError(f"--lambda-sweep needs at least one λ value in [0, 1] (e.g. 0.1,0.5,0.9), got {text!r}")
+    if any(not 0.0 <= v <= 1.0 for v in values):
         raise UserError(f"--lambda-sweep values must be in [0, 1], got {text!r}")
     return values
 
@@ -339,12 +369,9 @@ def _sweep_row(metrics: dict) -> dict:
     return {k: metrics[k] for k in SWEEP_KEYS if k in metrics}
 
 
-def run_lambda_sweep(logic, outputs, lambdas: Sequence[float], register_again, staging: Path, method: str) -> list[dict]:
+def run_lambda_sweep(logic, outputs, lambdas: Sequence[float], register_again) -> list[dict]:
     """Metrics at each λ (the λ path or a network: the instant slider update of every output node;
-    optimize: a new run each), with the seconds each λ took (``update_s``), and their plot."""
-    from ..bridge.logic import jsonSafe
-    from .plots import plot_lambda_sweep
-
+    optimize: a new run each), with the seconds each λ took (``update_s``)."""
     rows = []
     for lam in lambdas:
         start = time.perf_counter()
@@ -353,27 +380,108 @@ def run_lambda_sweep(logic, outputs, lambdas: Sequence[float], register_again, s
         else:
             updated = register_again(lam, outputs)
         rows.append(dict(_sweep_row(updated.metrics), update_s=time.perf_counter() - start))
-    (staging / SWEEP_FILES[0]).write_text(json.dumps(jsonSafe(rows), indent=2) + "\n")
-    metric = "dice_mean" if all(r.get("dice_mean") is not None for r in rows) else "sdlogj"
-    plot_lambda_sweep(staging / SWEEP_FILES[1], {method: rows}, metric=metric, title=f"λ sweep ({method})")
     return rows
 
 
+def write_lambda_sweep(rows: list[dict], folder: Path, method: str) -> None:
+    """``lambda_sweep.json`` (the rows) and ``lambda_sweep.png`` (Dice, or without labels SDlogJ,
+    against % folding) into ``folder``."""
+    from ..bridge.logic import jsonSafe
+    from .plots import plot_lambda_sweep
+
+    (folder / SWEEP_FILES[0]).write_text(json.dumps(jsonSafe(rows), indent=2) + "\n")
+    metric = "dice_mean" if all(r.get("dice_mean") is not None for r in rows) else "sdlogj"
+    plot_lambda_sweep(folder / SWEEP_FILES[1], {method: rows}, metric=metric, title=f"λ sweep ({method})")
+
+
+def _input_paths(args) -> dict:
+    """``{option: path}`` of every input file given (for :func:`outputs.refuse_outputs_over_inputs`)."""
+    return {_option(name): getattr(args, name) for name in (*IMAGE_OPTIONS, *OTHER_FILE_OPTIONS) if getattr(args, name)}
+
+
+@contextlib.contextmanager
+def _writing(staged: StagedOutput, name: str):
+    """Turn a failure to write ``name`` into one line: which file, which folder, and why (full disk ...)."""
+    from ..engine.imageio import describe_write_failure
+
+    try:
+        yield
+    except OSError:  # engine.imageio.WriteError (ITK, HDF5, Slicer's writers), or ENOSPC from Python
+        raise OutputWriteError(
+            f"could not write {name} for the output folder '{staged.output}': {describe_write_failure(staged.output.parent)}"
+        ) from None
+
+
+def _refuse_non_finite(request, computed, args) -> None:
+    """Refuse a computed registration whose warped image, displacement, Jacobian or λ map holds
+    NaN or infinity (before any node or file is written)."""
+    import numpy as np
+
+    result = computed.result
+    for array, what in ((result.warped, "warped image"), (result.displacement_ras, "displacement field"),
+                        (result.jacobian, "Jacobian determinant"), (result.lambda_map, "λ map")):
+        if array is not None and not np.isfinite(array).all():
+            cause = (
+                f"; the network weights '{args.model or 'shipped'}' are not usable on this pair"
+                if request.method.startswith("network") else ""
+            )
+            raise UserError(f"the registration produced NaN or infinite values in the {what}{cause}; nothing was written")
+
+
+def _write_outputs(slicer_app, outputs, staged: StagedOutput, fixed_grid, truth_node) -> None:
+    """Output volumes on the fixed image's grid as ITK reads it (SimpleITK), the transform and the
+    scene as Slicer writes them; one line on failure (:func:`_writing`)."""
+    for attribute, file_name in OUTPUT_FILES.items():
+        node = getattr(outputs, attribute)
+        if node is None:
+            continue
+        if node.IsA("vtkMRMLSegmentationNode"):
+            with _writing(staged, WARPED_SEGMENTATION_FILE):
+                slicer_app.saveNode(node, staged.staging / WARPED_SEGMENTATION_FILE)
+        elif node.IsA("vtkMRMLTransformNode"):
+            with _writing(staged, file_name):
+                slicer_app.saveNode(node, staged.staging / file_name)
+        else:
+            with _writing(staged, file_name):
+                slicer_app.saveVolumeOnGrid(node, staged.staging / file_name, fixed_grid)
+    if truth_node is not None:
+        with _writing(staged, TRUE_DISPLACEMENT_FILE):
+            slicer_app.saveVolumeOnGrid(truth_node, staged.staging / TRUE_DISPLACEMENT_FILE, fixed_grid)
+    with _writing(staged, SCENE_FILE):
+        slicer_app.saveScene(staged.staging / SCENE_FILE)
+
+
 def run_register(args) -> dict:
-    """The ``register`` command; returns the metrics. Raises UserError / ValueError / RegistrationCancelled."""
+    """The ``register`` command; returns the metrics.
+
+    Everything the command line says is checked first, before Slicer's libraries load: outputs
+    that would overwrite inputs, options, input files (:func:`check_input_files`), the device and
+    the output folder (:class:`outputs.StagedOutput`).
+
+    Raises:
+        UserError, ValueError, FileNotFoundError: a user error (one line, exit 2).
+        RegistrationCancelled, KeyboardInterrupt (:class:`outputs.Interrupted`): stopped; the
+            staging folder is gone.
+    """
     if args.iteration_scale <= 0:
         raise UserError(f"--iteration-scale must be positive, got {args.iteration_scale}")
+    refuse_outputs_over_inputs(args.output_dir, _input_paths(args))
     sweep = parse_lambda_sweep(args.lambda_sweep)
     evaluation_labels = parse_evaluation_labels(args.eval_labels, args.labels_json, args.labels_key)
-    output, staging = prepare_output(args.output_dir)
+    fixed_grid = check_input_files(args)
+    from ..engine.common import choose_device
+
+    choose_device(args.device)  # refuse a device that does not exist before anything is loaded
+    staged = StagedOutput(args.output_dir)
+    staging = staged.staging
     progress = _ProgressBar(not args.quiet)
     try:
         # Heavy imports only once the command line is known to be sound.
         from ..bridge.logic import RegistrationLogic, jsonSafe
         from .headless import HeadlessSlicer
 
-        with _quiet_vtk_log(args.verbose), HeadlessSlicer(cacheDirectory=staging / ".cache") as slicer_app:
-            demo = None
+        with _quiet_vtk_log(args.verbose), HeadlessSlicer(cacheDirectory=staging / ".cache", quiet=not args.verbose) as slicer_app:
+            demo = truth_node = None
             if args.fixed or args.moving:
                 nodes = _load_inputs(slicer_app, args)
             else:
@@ -392,8 +500,12 @@ def run_register(args) -> dict:
                 adaptationSteps=args.adapt_steps,
                 **nodes,
             )
-            outputs = logic.register(progressCallback=progress, regularizationWeight=args.regularization_weight, **options)
+            # logic.register in its three steps, to look at the computed arrays before any node is made
+            request = logic.prepareRegistration(regularizationWeight=args.regularization_weight, **options)
+            computed = logic.computeRegistration(request, progress)
             progress.close()
+            _refuse_non_finite(request, computed, args)
+            outputs = logic.writeOutputs(request, computed)
             metrics = dict(outputs.metrics)
             if demo is not None:
                 from ..bridge import mrml
@@ -408,31 +520,51 @@ def run_register(args) -> dict:
                                    ("moving_labels", args.moving_labels), ("fixed_mask", args.fixed_mask))
                 if value
             }
-
-            for attribute, file_name in OUTPUT_FILES.items():
-                node = getattr(outputs, attribute)
-                if node is None:
-                    continue
-                if attribute == "warpedLabelNode" and node.IsA("vtkMRMLSegmentationNode"):
-                    file_name = "warped_labels.seg.nrrd"
-                slicer_app.saveNode(node, staging / file_name)
-            if demo is not None:
-                slicer_app.saveNode(truth_node, staging / "true_displacement.nrrd")
-            slicer_app.saveScene(staging / SCENE_FILE)
+            _write_outputs(slicer_app, outputs, staged, fixed_grid, truth_node)
             if sweep:
 
                 def register_again(lam, previous):
                     return logic.register(regularizationWeight=lam, outputNodes=previous, **options)
 
-                metrics["lambda_sweep"] = run_lambda_sweep(logic, outputs, sweep, register_again, staging, metrics["method"])
-            (staging / METRICS_FILE).write_text(json.dumps(jsonSafe(metrics), indent=2, sort_keys=True) + "\n")
-        shutil.rmtree(staging / ".cache", ignore_errors=True)
-        publish_output(staging, output)
+                metrics["lambda_sweep"] = run_lambda_sweep(logic, outputs, sweep, register_again)
+                with _writing(staged, "lambda_sweep.json/png"):
+                    write_lambda_sweep(metrics["lambda_sweep"], staging, metrics["method"])
+            metrics[RECORD_KEY] = staged.record()
+            with _writing(staged, METRICS_FILE):
+                (staging / METRICS_FILE).write_text(json.dumps(jsonSafe(metrics), indent=2, sort_keys=True) + "\n")
+        try:
+            staged.publish()
+        except OSError as error:  # a rename failed; if it was committed, the next run into the folder completes it
+            raise OutputWriteError(
+                f"could not move the results into '{staged.output}': {error.strerror or error}"
+            ) from None
         return metrics
+    except KeyboardInterrupt as interrupt:
+        interrupt.output_written = staged.published
+        raise
     finally:
         progress.close()
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        staged.discard()
+
+
+_silenced_at_exit = []
+
+
+def _silence_native_stderr_at_exit() -> None:
+    """After a failed write, HDF5 reports the file it could not close once more when the process
+    exits ("HDF5: infinite loop closing library", from its C ``atexit`` handler, after Python has
+    finished); the one-line error has been printed, so send file descriptor 2 to the null device
+    then (Python's ``atexit`` handlers run before the C library's)."""
+    import atexit
+
+    def silence() -> None:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    if not _silenced_at_exit:
+        _silenced_at_exit.append(silence)
+        atexit.register(silence)
 
 
 def _summary(metrics: dict) -> str:
@@ -440,7 +572,7 @@ def _summary(metrics: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``learnedreg``; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Entry point of ``learnedreg``; returns the exit status (0 ok, 2 user error, 128 + n after signal n)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "register":
@@ -450,15 +582,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("learnedreg: error: PyTorch is not installed (pip install torch)", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        metrics = run_register(args)
-    except KeyboardInterrupt:
-        print("\nlearnedreg: interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        with signals_raise():
+            metrics = run_register(args)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or outputs.Interrupted (SIGINT, SIGTERM, SIGHUP)
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        if getattr(interrupt, "output_written", False):
+            print(f"\nlearnedreg: interrupted ({name}) after writing {Path(args.output_dir)}", file=sys.stderr)
+        else:
+            print(f"\nlearnedreg: interrupted ({name}); nothing was written", file=sys.stderr)
+        return 128 + signum
     except RegistrationCancelled:
         print("learnedreg: cancelled; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UserError, ValueError, FileNotFoundError) as error:
-        print(f"learnedreg: error: {error}", file=sys.stderr)
+    except (UserError, OutputFolderError, ValueError, FileNotFoundError) as error:
+        # One line, whatever the message (a numpy matrix, a library's multi-line text).
+        print(f"learnedreg: error: {' '.join(str(error).split())}", file=sys.stderr)
+        if isinstance(error, OutputWriteError) and not args.verbose:
+            _silence_native_stderr_at_exit()
         return EXIT_USER_ERROR
     print(f"learnedreg: wrote {Path(args.output_dir)} ({_summary(metrics)})")
     return 0

@@ -10,24 +10,76 @@ fails without it).
 
 Files are read and written by Slicer's own readers and storage nodes, so they carry exactly the
 geometry Slicer would give them: RAS in memory, LPS on disk, the flip done inside the storage
-nodes (not here).
+nodes (not here). One exception is :meth:`HeadlessSlicer.saveVolumeOnGrid`, for files a user
+compares voxel by voxel with the inputs: Slicer's archetype reader reverses the slice axis of a
+file whose direction matrix is left-handed (the OASIS files are), so a node's voxel order can
+differ from the file's; that method writes the voxels with SimpleITK in the order ITK reads the
+reference file (:func:`engine.imageio.reindex_to_grid`).
+
+With ``quiet=True`` the native libraries' own messages (ITK, HDF5, MetaIO print straight to the
+process's stdout/stderr, dozens of lines for one damaged or unwritable file) are silenced while
+files are read and written (:func:`silencedNativeOutput`); failures still raise, in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from pathlib import Path
 
+import numpy as np
 import vtk
+from vtk.util import numpy_support
 
 import slicer
+
+from ..bridge import mrml
+from ..engine.grid import ImageGrid
+from ..engine.imageio import WriteError, describe_write_failure, reindex_to_grid, write_volume
 
 #: vtkSlicerVolumesLogic::AddArchetypeVolume loading-option bits.
 _LOAD_LABELMAP = 1
 _LOAD_SINGLE_FILE = 4
+
+
+@contextlib.contextmanager
+def silencedNativeOutput(enabled: bool = True):
+    """Send what native code writes to the process's stdout and stderr (file descriptors 1 and 2)
+    to the null device while the block runs; Python's own ``sys.stdout``/``sys.stderr`` are flushed
+    first and work again afterwards. C stdio buffers are flushed before the descriptors come back,
+    so nothing printed inside surfaces later. A no-op with ``enabled=False``."""
+    if not enabled:
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no stdout/stderr to silence (a daemon with them closed)
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        _flushCStdio()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for descriptor in (*saved, null):
+            os.close(descriptor)
+
+
+def _flushCStdio() -> None:
+    with contextlib.suppress(Exception):  # no C library to call (Windows without msvcrt ...): nothing buffered to lose
+        ctypes.CDLL(None).fflush(None)
 
 
 class HeadlessSlicer:
@@ -39,10 +91,12 @@ class HeadlessSlicer:
         volumesLogic, colorLogic, markupsLogic, segmentationsLogic, transformLogic: the logics.
 
     Call :meth:`close` (or use it as a context manager) to clear the scene and delete the cache
-    directory it created.
+    directory it created. With ``quiet=True``, native libraries print nothing while files are
+    read or written (see the module docstring).
     """
 
-    def __init__(self, cacheDirectory: str | os.PathLike | None = None):
+    def __init__(self, cacheDirectory: str | os.PathLike | None = None, quiet: bool = False):
+        self.quiet = bool(quiet)
         self._ownedCache = cacheDirectory is None
         self.cacheDirectory = Path(cacheDirectory or tempfile.mkdtemp(prefix="learnedreg-mrml-cache-"))
         self.cacheDirectory.mkdir(parents=True, exist_ok=True)
@@ -127,7 +181,8 @@ class HeadlessSlicer:
             raise FileNotFoundError(f"image file not found: {path}")
         name = name or _stemOf(path)
         options = _LOAD_SINGLE_FILE | (_LOAD_LABELMAP if labelMap else 0)
-        node = self.volumesLogic.AddArchetypeVolume(str(path), name, options)
+        with silencedNativeOutput(self.quiet):
+            node = self.volumesLogic.AddArchetypeVolume(str(path), name, options)
         if node is None or node.GetImageData() is None:
             if node is not None:
                 self.scene.RemoveNode(node)
@@ -147,7 +202,9 @@ class HeadlessSlicer:
         storageNode.SetFileName(str(path))
         self.scene.AddNode(storageNode)
         node = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", name or _stemOf(path))
-        if not storageNode.ReadData(node):
+        with silencedNativeOutput(self.quiet):
+            ok = storageNode.ReadData(node)
+        if not ok:
             self.scene.RemoveNode(node)
             self.scene.RemoveNode(storageNode)
             raise ValueError(f"could not read '{path}' as a transform")
@@ -163,7 +220,8 @@ class HeadlessSlicer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"markups file not found: {path}")
-        nodeId = self.markupsLogic.LoadMarkups(str(path), name or _stemOf(path))
+        with silencedNativeOutput(self.quiet):
+            nodeId = self.markupsLogic.LoadMarkups(str(path), name or _stemOf(path))
         node = self.scene.GetNodeByID(nodeId) if nodeId else None
         if node is None:
             raise ValueError(f"could not read '{path}' as markups")
@@ -179,11 +237,12 @@ class HeadlessSlicer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"scene file not found: {path}")
-        if path.suffix.lower() == ".mrb":
-            ok = self.scene.ReadFromMRB(str(path), True)
-        else:
-            self.scene.SetURL(str(path))
-            ok = self.scene.Connect()
+        with silencedNativeOutput(self.quiet):
+            if path.suffix.lower() == ".mrb":
+                ok = self.scene.ReadFromMRB(str(path), True)
+            else:
+                self.scene.SetURL(str(path))
+                ok = self.scene.Connect()
         if not ok:
             raise ValueError(f"could not read the scene '{path}'")
 
@@ -192,10 +251,12 @@ class HeadlessSlicer:
         """Write a storable node with its default storage node (.nrrd, .nii.gz, .h5, .mrk.json, ...).
 
         The file format follows the extension; the node keeps the storage node, so a later
-        scene save refers to this file.
+        scene save refers to this file. The voxel order is the node's (see :meth:`saveVolumeOnGrid`).
 
         Raises:
-            ValueError: the node cannot be stored, or writing failed.
+            ValueError: the node cannot be stored.
+            engine.imageio.WriteError: writing failed (a ``ValueError`` too); the message says why
+                (full disk, folder not writable ...).
         """
         path = Path(path)
         storageNode = node.GetStorageNode()
@@ -206,22 +267,77 @@ class HeadlessSlicer:
             self.scene.AddNode(storageNode)
             node.SetAndObserveStorageNodeID(storageNode.GetID())
         storageNode.SetFileName(str(path))
-        if not storageNode.WriteData(node):
-            raise ValueError(f"could not write '{node.GetName()}' to '{path}'")
+        with silencedNativeOutput(self.quiet):
+            ok = storageNode.WriteData(node)
+        if not ok:
+            raise WriteError(f"could not write '{node.GetName()}' to '{path}': {describe_write_failure(path.parent)}")
+        return path
+
+    def saveVolumeOnGrid(self, volumeNode, path: str | os.PathLike, grid: ImageGrid | None = None) -> Path:
+        """Write a volume node's voxels with SimpleITK, indexed as on ``grid`` (default: the node's own).
+
+        For files compared voxel by voxel with an input: pass the input file's grid as ITK reads
+        it (:func:`engine.imageio.check_image_file`), and the file gets that voxel order, origin
+        and direction exactly, even where Slicer's reader re-ordered the input's axes. Vector
+        volumes keep their components as they are (a displacement stays RAS mm). The node is
+        not changed and gets no storage node (a scene save stores it as Slicer would).
+
+        Args:
+            volumeNode: scalar, label map or vector volume node, without a parent transform.
+            path: the file (.nrrd, .nii.gz, .mha ...; written compressed).
+            grid: the same voxel centres as the node's, indexed in the order wanted.
+
+        Raises:
+            ValueError: the node has no voxels or a parent transform, or ``grid`` is not the
+                node's voxel centres.
+            engine.imageio.WriteError: writing failed.
+        """
+        path = Path(path)
+        if volumeNode.GetParentTransformNode() is not None:
+            raise ValueError(f"'{volumeNode.GetName()}' is under a transform; harden it before saving it on a grid")
+        array, nodeGrid = volumeVoxels(volumeNode)
+        if grid is not None:
+            array = reindex_to_grid(array, nodeGrid, grid)
+        with silencedNativeOutput(self.quiet):
+            write_volume(path, np.ascontiguousarray(array), nodeGrid if grid is None else grid)
         return path
 
     def saveScene(self, path: str | os.PathLike) -> Path:
         """Write the whole scene as a Slicer ``.mrb`` bundle (every storable node with its data).
 
         Raises:
-            ValueError: writing failed.
+            ValueError: not an ``.mrb`` name.
+            engine.imageio.WriteError: writing failed.
         """
         path = Path(path)
         if path.suffix.lower() != ".mrb":
             raise ValueError(f"scene files are written as .mrb, got '{path.name}'")
-        if not self.scene.WriteToMRB(str(path)):
-            raise ValueError(f"could not write the scene to '{path}'")
+        with silencedNativeOutput(self.quiet):
+            ok = self.scene.WriteToMRB(str(path))
+        if not ok:
+            raise WriteError(f"could not write the scene to '{path}': {describe_write_failure(path.parent)}")
         return path
+
+
+def volumeVoxels(volumeNode) -> tuple[np.ndarray, ImageGrid]:
+    """The voxels of a scalar, label map or vector volume node without a copy, and its grid.
+
+    Returns:
+        ``(array, grid)``: a read-only view, (Z, Y, X) or (Z, Y, X, C) in the node's own type,
+        and the node's :class:`ImageGrid` (world RAS mm, parent transforms included).
+
+    Raises:
+        ValueError: the node has no voxels (:func:`bridge.mrml.gridFromVolumeNode`).
+    """
+    grid = mrml.gridFromVolumeNode(volumeNode)
+    scalars = volumeNode.GetImageData().GetPointData().GetScalars()
+    if scalars is None:
+        raise ValueError(f"volume '{volumeNode.GetName()}' has no voxel values")
+    components = scalars.GetNumberOfComponents()
+    # FRAME: VTK memory order is I fastest, so (K, J, I[, C]) = (Z, Y, X[, C]).
+    array = numpy_support.vtk_to_numpy(scalars).reshape(grid.shape + ((components,) if components > 1 else ()))
+    array.flags.writeable = False
+    return array, grid
 
 
 def _stemOf(path: Path) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -178,9 +179,12 @@ class RegistrationLogic:
                 :data:`engine.common.PATH_KNOT_ITERATIONS`).
 
         Raises:
-            ValueError: a missing or empty node, a label map / mask whose geometry differs from
-                its image, landmark lists of different lengths, bad option values, an unknown
-                method, or a λ map with a network method (the network predicts its own λ(x)).
+            ValueError: a missing or empty node, an argument that is not a node of the kind listed
+                above (a file path, a node of another class: the message names the argument and
+                what it got; load files into nodes first, e.g. ``slicer.util.loadVolume``), a
+                label map / mask whose geometry differs from its image, landmark lists of
+                different lengths, bad option values, an unknown method, or a λ map with a
+                network method (the network predicts its own λ(x)).
         """
         method = DEFAULT_METHOD if method is None else str(method).lower()
         if method not in METHODS:
@@ -197,6 +201,13 @@ class RegistrationLogic:
             raise ValueError("select a fixed volume")
         if movingVolumeNode is None:
             raise ValueError("select a moving volume")
+        for argument, node in (
+            ("fixedVolumeNode", fixedVolumeNode), ("movingVolumeNode", movingVolumeNode),
+            ("fixedMaskNode", fixedMaskNode), ("fixedLabelNode", fixedLabelNode), ("movingLabelNode", movingLabelNode),
+            ("fixedLandmarksNode", fixedLandmarksNode), ("movingLandmarksNode", movingLandmarksNode),
+            ("lambdaMapNode", lambdaMapNode),
+        ):
+            _checkNodeArgument(argument, node)
         fixed, fixedGrid = mrml.arrayFromVolumeNode(fixedVolumeNode)
         moving, movingGrid = mrml.arrayFromVolumeNode(movingVolumeNode)
         fixedName, movingName = fixedVolumeNode.GetName(), movingVolumeNode.GetName()
@@ -509,6 +520,40 @@ class RegistrationLogic:
         request = self.prepareRegistration(fixedVolumeNode, movingVolumeNode, **options)
         computed = self.computeRegistration(request, progressCallback, cancelRequested)
         return self.writeOutputs(request, computed, outputNodes)
+
+
+#: MRML classes each node argument of :meth:`RegistrationLogic.prepareRegistration` accepts, how to
+#: call them in a message, and the ``slicer.util`` function that loads such a file into a node.
+_VOLUME = (("vtkMRMLScalarVolumeNode",), "a scalar volume node", "slicer.util.loadVolume")
+_LABELS = (("vtkMRMLVolumeNode", "vtkMRMLSegmentationNode"), "a label map volume or segmentation node",
+           "slicer.util.loadLabelVolume or loadSegmentation")
+_POINTS = (("vtkMRMLMarkupsNode",), "a markups point list node", "slicer.util.loadMarkups")
+_NODE_ARGUMENT_CLASSES = {
+    "fixedVolumeNode": _VOLUME,
+    "movingVolumeNode": _VOLUME,
+    "fixedMaskNode": _LABELS,
+    "fixedLabelNode": _LABELS,
+    "movingLabelNode": _LABELS,
+    "fixedLandmarksNode": _POINTS,
+    "movingLandmarksNode": _POINTS,
+    "lambdaMapNode": _VOLUME,
+}
+
+
+def _checkNodeArgument(argument: str, node) -> None:
+    """Refuse (ValueError) a node argument that is neither None nor an MRML node of the accepted classes."""
+    if node is None:
+        return
+    classes, kind, loader = _NODE_ARGUMENT_CLASSES[argument]
+    if isinstance(node, slicer.vtkMRMLNode) and any(node.IsA(name) for name in classes):
+        return
+    if isinstance(node, slicer.vtkMRMLNode):
+        got = f"the {node.GetClassName()} '{node.GetName()}'"
+    elif isinstance(node, (str, bytes, os.PathLike)):
+        got = f"the file path {os.fsdecode(node)!r}; load the file into a node first ({loader})"
+    else:
+        got = f"a {type(node).__name__}"
+    raise ValueError(f"{argument} must be {kind} ({' or '.join(classes)}), got {got}")
 
 
 def _checkerboardOf(request: RegistrationRequest, warped: np.ndarray) -> np.ndarray:

@@ -205,6 +205,28 @@ def _checkArrayOnGrid(array: np.ndarray, grid: ImageGrid, what: str, components:
         raise ValueError(f"{what} must have shape {expected} (the grid's (Z, Y, X){'+C' if components else ''}), got {array.shape}")
 
 
+def _rounded(values, digits: int = 4) -> tuple:
+    """Numbers (any nesting) rounded for a message, with -0.0 shown as 0.0."""
+    array = np.round(np.asarray(values, dtype=np.float64), digits) + 0.0
+    return tuple(map(tuple, array)) if array.ndim == 2 else tuple(array.tolist())
+
+
+def _geometryDifferences(grid: ImageGrid, referenceGrid: ImageGrid) -> str:
+    """'its origin (RAS mm) is A, the image's B; ...' for each property where ``grid`` differs from ``referenceGrid``."""
+    pairs = []
+    if grid.shape != referenceGrid.shape:
+        pairs.append(("shape (Z, Y, X)", grid.shape, referenceGrid.shape))
+    if not np.allclose(grid.spacing, referenceGrid.spacing, rtol=0.0, atol=1e-6):
+        pairs.append(("spacing (mm)", _rounded(grid.spacing), _rounded(referenceGrid.spacing)))
+    if not np.allclose(grid.origin, referenceGrid.origin, rtol=0.0, atol=1e-3):
+        pairs.append(("origin (RAS mm)", _rounded(grid.origin), _rounded(referenceGrid.origin)))
+    if not np.allclose(grid.direction, referenceGrid.direction, rtol=0.0, atol=1e-4):
+        pairs.append(("direction (RAS columns)", _rounded(grid.direction), _rounded(referenceGrid.direction)))
+    if not pairs:  # each within its tolerance, but drifting apart across the volume
+        pairs.append(("spacing (mm)", tuple(grid.spacing), tuple(referenceGrid.spacing)))
+    return "; ".join(f"its {name} is {mine}, the image's {theirs}" for name, mine, theirs in pairs)
+
+
 def labelArrayFromLabelMapNode(labelNode, referenceGrid: ImageGrid, referenceName: str = "the image") -> np.ndarray:
     """Label values of a label map (or integer scalar) volume node on ``referenceGrid``.
 
@@ -213,15 +235,14 @@ def labelArrayFromLabelMapNode(labelNode, referenceGrid: ImageGrid, referenceNam
 
     Raises:
         ValueError: when the label map's geometry (shape, spacing, origin, directions, within
-            1e-3 mm) differs from ``referenceGrid``; the message says how to fix it.
+            1e-3 mm) differs from ``referenceGrid``; the one-line message names each property
+            that differs with both values and says how to fix it.
     """
     labels, grid = arrayFromVolumeNode(labelNode, dtype=np.float64)
     if not grid.same_geometry(referenceGrid):
         raise ValueError(
-            f"label map '{_nodeName(labelNode)}' (shape {grid.shape}, spacing "
-            f"{tuple(round(s, 4) for s in grid.spacing)} mm) does not have the geometry of "
-            f"{referenceName} (shape {referenceGrid.shape}, spacing "
-            f"{tuple(round(s, 4) for s in referenceGrid.spacing)} mm); resample it onto that image "
+            f"label map '{_nodeName(labelNode)}' does not have the geometry of {referenceName}: "
+            f"{_geometryDifferences(grid, referenceGrid)}; resample it onto that image "
             "(Resample Scalar/Vector/DWI Volume, nearest neighbour) or pass a segmentation instead"
         )
     if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):

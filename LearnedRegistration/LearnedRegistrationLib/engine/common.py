@@ -160,21 +160,33 @@ class RegistrationResult:
 
 
 def choose_device(requested: Optional[str] = None) -> torch.device:
-    """The torch device to run on: ``requested``, or CUDA when available, else CPU.
+    """The torch device to run on: ``requested`` ("cpu", "cuda" or "cuda:N"), or CUDA when available, else CPU.
+
+    Only CPU and CUDA devices are accepted: other torch device types ("mps", "meta", "xpu" ...)
+    parse as devices but fail part-way through a registration (float64 steps, no data on "meta").
 
     Raises:
-        ValueError: when CUDA is requested but not available, or the name is not a device.
+        ValueError: for any other name or device type, for CUDA when no CUDA GPU is available, or
+            for a GPU index beyond the GPUs present; the message says what is accepted.
     """
     import torch
 
-    if requested in (None, "", "auto"):
+    if requested is None or (isinstance(requested, str) and requested.strip().lower() in ("", "auto")):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accepted = "use 'cpu', 'cuda' (or 'cuda:N' for GPU N) or leave it automatic"
     try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {requested!r}; use 'cpu', 'cuda' or leave it automatic") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use 'cpu' or automatic")
+        device = torch.device(requested.strip().lower() if isinstance(requested, str) else requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {requested!r}; {accepted}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {requested!r} is not supported (LearnedRegistration runs on the CPU or CUDA GPUs); {accepted}")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} was requested but no CUDA GPU is available; use 'cpu' or automatic")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {requested!r}: this machine has {count} CUDA GPU(s), 'cuda:0' to 'cuda:{count - 1}'")
     return device
 
 

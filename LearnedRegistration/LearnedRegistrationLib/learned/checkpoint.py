@@ -6,11 +6,19 @@ travels with the weights, as in voxelmorph's ``modelio.py``), and is read with
 is tensors, dicts, lists, strings and numbers. ``metadata`` records how the weights were made
 (training data, iterations, wall time, device, validation curve, command line ...) and must be
 made of those plain types too.
+
+Loading refuses, in one line naming the file, anything that is not such a checkpoint: a corrupt
+or truncated file, a file that holds other pickled Python objects (never loaded, and torch's advice
+to retry with ``weights_only=False`` is not repeated: that is the unsafe step), a config out of
+:class:`network.NetworkConfig`'s bounds, and NaN or infinite weights. Finite weights can still
+overflow on an image (weights scaled by 1e30), which no small test input rules out for every
+image; the command line refuses such a registration from its computed fields (``app.cli``).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Optional, Union
 
@@ -95,10 +103,17 @@ def read_checkpoint(path: PathLike) -> dict:
         raise CheckpointNotFoundError(f"network weights file '{path}' does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError ...)
+    except pickle.UnpicklingError:
+        # weights_only=True refused a Python object; torch's message advises loading with
+        # weights_only=False, the unsafe step, so it is not passed on.
         raise CheckpointError(
-            f"network weights file '{path}' could not be read (corrupt, truncated or not a torch file): {exc}"
-        ) from exc
+            f"'{path}' is not a valid LearnedRegistration weights file: it holds Python objects other than "
+            "tensors and plain values, which are never loaded"
+        ) from None
+    except Exception:  # torch raises several types (RuntimeError, EOFError, OSError ...) for damaged files
+        raise CheckpointError(
+            f"'{path}' is not a valid LearnedRegistration weights file (corrupt, truncated or not a torch file)"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"'{path}' is not a LearnedRegistration network checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     version = payload.get("architecture_version")
@@ -122,16 +137,24 @@ def load_checkpoint(path: PathLike, device=None) -> tuple[RegistrationNetwork, d
 
     Raises:
         CheckpointNotFoundError: if ``path`` does not exist.
-        CheckpointError: if the file is corrupt, not a checkpoint, or its config/weights do not
-            fit :class:`network.RegistrationNetwork` (the message names the file).
+        CheckpointError: if the file is corrupt, not a checkpoint, its config/weights do not fit
+            :class:`network.RegistrationNetwork`, or a weight is NaN or infinite (the message
+            names the file).
     """
     payload = read_checkpoint(path)
     try:
         network = RegistrationNetwork(NetworkConfig.from_dict(payload["config"]))
         network.load_state_dict(payload["state_dict"], strict=True)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"network weights file '{path}' does not match this code's network: {exc}") from exc
+        reason = " ".join(str(exc).split())
+        raise CheckpointError(f"network weights file '{path}' does not match this code's network: {reason}") from None
+    for name, tensor in network.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"network weights file '{path}' is not usable: its weights '{name}' hold NaN or infinite values"
+            )
     network.eval()
     if device is not None:
         network.to(device)
     return network, payload["metadata"]
+

@@ -60,6 +60,31 @@ from ..engine.transforms import integrate_svf, per_channel
 #: Bump when the architecture changes in a way old checkpoints cannot load into.
 ARCHITECTURE_VERSION = 2
 
+#: Bounds of :class:`NetworkConfig` (far beyond any useful value: they only stop a damaged or
+#: hostile config from asking for absurd work, e.g. 2 ** 10**9 scaling-and-squaring steps).
+MAX_LEVELS = 8
+MAX_FEATURES = 1024
+MAX_INTEGRATION_STEPS = 20
+
+
+def _checked_int(name: str, value, low: int, high: int) -> int:
+    """``value`` as an int in [low, high] (an integral number, not a bool), else ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+        raise ValueError(f"NetworkConfig {name!r} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def _int_tuple(name: str, values) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"NetworkConfig {name!r} must be a sequence of channel counts, got {values!r}")
+    return tuple(_checked_int(f"{name}[{i}]", v, 1, MAX_FEATURES) for i, v in enumerate(values))
+
+
+def _checked_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
+        raise ValueError(f"NetworkConfig {name!r} must be a finite number, got {value!r}")
+    return float(value)
+
 
 @dataclass(frozen=True)
 class NetworkConfig:
@@ -75,7 +100,12 @@ class NetworkConfig:
         condition_features: width of the MLP that embeds λ for the CIN layers.
         integration_steps: scaling-and-squaring steps for ``exp(v)``.
         weight_map_init: initial value of λ(x) everywhere (bias of the sigmoid head), in (0, 1).
-        negative_slope: LeakyReLU slope.
+        negative_slope: LeakyReLU slope, in [0, 1).
+
+    Raises:
+        ValueError: naming the first field of the wrong type or out of bounds: 1 to
+            :data:`MAX_LEVELS` levels, channel counts in [1, :data:`MAX_FEATURES`],
+            ``integration_steps`` in [0, :data:`MAX_INTEGRATION_STEPS`].
     """
 
     encoder_features: tuple[int, ...] = (8, 16, 32, 32, 32)
@@ -88,26 +118,35 @@ class NetworkConfig:
     negative_slope: float = 0.2
 
     def __post_init__(self) -> None:
-        enc = tuple(int(c) for c in self.encoder_features)
-        dec = tuple(int(c) for c in self.decoder_features)
+        enc = _int_tuple("encoder_features", self.encoder_features)
+        dec = _int_tuple("decoder_features", self.decoder_features)
         object.__setattr__(self, "encoder_features", enc)
         object.__setattr__(self, "decoder_features", dec)
-        if len(enc) < 2 or min(enc) < 1:
-            raise ValueError(f"NetworkConfig 'encoder_features' needs >= 2 positive channel counts, got {enc}")
-        if not 0 <= int(self.output_level) < len(enc) - 1:
-            raise ValueError(f"NetworkConfig 'output_level' must be in [0, {len(enc) - 2}], got {self.output_level}")
-        want = len(enc) - 1 - int(self.output_level)
-        if len(dec) != want or min(dec) < 1:
+        if not 2 <= len(enc) <= MAX_LEVELS + 1 or min(enc) < 1 or max(enc) > MAX_FEATURES:
             raise ValueError(
-                f"NetworkConfig 'decoder_features' needs {want} positive channel counts "
-                f"(one per level from {len(enc) - 2} up to output_level {self.output_level}), got {dec}"
+                f"NetworkConfig 'encoder_features' needs 2 to {MAX_LEVELS + 1} channel counts in [1, {MAX_FEATURES}], got {enc}"
             )
-        if int(self.head_features) < 1 or int(self.condition_features) < 1:
-            raise ValueError("NetworkConfig 'head_features' and 'condition_features' must be positive")
-        if int(self.integration_steps) < 0:
-            raise ValueError(f"NetworkConfig 'integration_steps' must be >= 0, got {self.integration_steps}")
-        if not 0.0 < float(self.weight_map_init) < 1.0:
+        output_level = _checked_int("output_level", self.output_level, 0, len(enc) - 2)
+        want = len(enc) - 1 - output_level
+        if len(dec) != want or min(dec) < 1 or max(dec) > MAX_FEATURES:
+            raise ValueError(
+                f"NetworkConfig 'decoder_features' needs {want} channel counts in [1, {MAX_FEATURES}] "
+                f"(one per level from {len(enc) - 2} up to output_level {output_level}), got {dec}"
+            )
+        object.__setattr__(self, "output_level", output_level)
+        for name in ("head_features", "condition_features"):
+            object.__setattr__(self, name, _checked_int(name, getattr(self, name), 1, MAX_FEATURES))
+        object.__setattr__(
+            self, "integration_steps", _checked_int("integration_steps", self.integration_steps, 0, MAX_INTEGRATION_STEPS)
+        )
+        init = _checked_float("weight_map_init", self.weight_map_init)
+        if not 0.0 < init < 1.0:
             raise ValueError(f"NetworkConfig 'weight_map_init' must be in (0, 1), got {self.weight_map_init}")
+        slope = _checked_float("negative_slope", self.negative_slope)
+        if not 0.0 <= slope < 1.0:
+            raise ValueError(f"NetworkConfig 'negative_slope' must be in [0, 1), got {self.negative_slope}")
+        object.__setattr__(self, "weight_map_init", init)
+        object.__setattr__(self, "negative_slope", slope)
 
     @property
     def levels(self) -> int:
