@@ -42,6 +42,8 @@ ALLOWED_THIRD_PARTY = {
     "app": _TORCH_WORLD | _MRML | {"tqdm", "matplotlib"},
     "module": _TORCH_WORLD | _MRML | {"qt", "ctk", "SampleData", "PyTorchUtils"},
 }
+#: The web app (app/web*.py, `learnedreg serve`, the `web` extra) alone may import trame.
+_WEB = {"trame", "trame_slicer", "trame_vuetify"}
 
 
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
@@ -79,6 +81,8 @@ def violations(source: str, module: str, layer: str) -> list[str]:
             continue
         elif any(name == q or name.startswith(q + ".") for q in _QT) and layer != "module":
             bad.append(f"{module}:{line} imports {name} (Qt and the Slicer GUI only in the module file)")
+        elif top in _WEB and module.startswith(f"{PACKAGE}.app.web"):
+            continue
         elif top not in ALLOWED_THIRD_PARTY[layer]:
             bad.append(f"{module}:{line} imports {name} (not available to the {layer} layer)")
     return bad

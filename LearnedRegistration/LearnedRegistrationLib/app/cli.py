@@ -64,7 +64,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -219,6 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--iteration-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     register.add_argument("--demo-size", type=int, default=64, help=argparse.SUPPRESS)
     register.add_argument("--demo-seed", type=int, default=0, help=argparse.SUPPRESS)
+
+    # `learnedreg serve`: the web app (app/web.py), installed with the `web` extra.
+    serve = commands.add_parser(
+        "serve",
+        help="register in a web browser, on Slicer's own slice views (needs the web extra: scripts/setup_env.sh --web)",
+        description="Serve the registration as a web page (trame-slicer): inputs from files under DATA_ROOT or the "
+        "built-in demo pair, the live λ slider, metrics, and Save into a folder under DATA_ROOT.",
+        epilog="Safe defaults: it listens on 127.0.0.1 only unless --host says otherwise, reads and writes only "
+        "under --data-root (no absolute paths, no '..', symbolic links resolved), and runs one registration at a time.",
+    )
+    serve.add_argument("--data-root", default=".", help="the only folder the page reads inputs from and saves results into (default: .)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=0, help="port to listen on (default: 0, a free port; the URL is printed)")
+    serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    serve.add_argument("--verbose", action="store_true", help="show VTK/Slicer and server log messages")
+    # Hidden: for tests and quick looks.
+    serve.add_argument("--iteration-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    serve.add_argument("--demo-size", type=int, default=64, help=argparse.SUPPRESS)
     return parser
 
 
@@ -451,6 +469,53 @@ def _write_outputs(slicer_app, outputs, staged: StagedOutput, fixed_grid, truth_
         slicer_app.saveScene(staged.staging / SCENE_FILE)
 
 
+def write_output_set(
+    slicer_app,
+    outputs,
+    staged: StagedOutput,
+    metrics: dict,
+    fixed_grid=None,
+    truth_node=None,
+    sweep: Optional[Callable[[], list[dict]]] = None,
+) -> None:
+    """Write one registration's output set into ``staged`` and publish it (``learnedreg register``
+    and the web app's Save, :mod:`.web`).
+
+    In order: every output volume, the transform and ``scene.mrb`` (:func:`_write_outputs`); with
+    ``sweep``, its rows into ``metrics["lambda_sweep"]`` and ``lambda_sweep.json``/``.png``;
+    ``metrics.json`` with the record of the set (:data:`outputs.RECORD_KEY`); then
+    :meth:`outputs.StagedOutput.publish`.
+
+    Args:
+        slicer_app: the :class:`.headless.HeadlessSlicer` of the output nodes' scene.
+        outputs: the logic's :class:`bridge.logic.RegistrationOutputNodes`.
+        staged: the output folder, staged.
+        metrics: what ``metrics.json`` holds (needs ``"method"`` with ``sweep``); updated in place.
+        fixed_grid: the fixed image's grid as ITK reads its file (volumes are written on it), or
+            None for the nodes' own grid (the demo).
+        truth_node: the demo's known displacement (``true_displacement.nrrd``), or None.
+        sweep: called after the output files are written (so that it may change the output
+            nodes), returning the λ-sweep rows.
+
+    Raises:
+        OutputWriteError: a file could not be written or moved into place (one line: which, why).
+    """
+    from ..bridge.logic import jsonSafe
+
+    _write_outputs(slicer_app, outputs, staged, fixed_grid, truth_node)
+    if sweep is not None:
+        metrics["lambda_sweep"] = sweep()
+        with _writing(staged, "lambda_sweep.json/png"):
+            write_lambda_sweep(metrics["lambda_sweep"], staged.staging, metrics["method"])
+    metrics[RECORD_KEY] = staged.record()
+    with _writing(staged, METRICS_FILE):
+        (staged.staging / METRICS_FILE).write_text(json.dumps(jsonSafe(metrics), indent=2, sort_keys=True) + "\n")
+    try:
+        staged.publish()
+    except OSError as error:  # a rename failed; if it was committed, the next run into the folder completes it
+        raise OutputWriteError(f"could not move the results into '{staged.output}': {error.strerror or error}") from None
+
+
 def run_register(args) -> dict:
     """The ``register`` command; returns the metrics.
 
@@ -477,7 +542,7 @@ def run_register(args) -> dict:
     progress = _ProgressBar(not args.quiet)
     try:
         # Heavy imports only once the command line is known to be sound.
-        from ..bridge.logic import RegistrationLogic, jsonSafe
+        from ..bridge.logic import RegistrationLogic
         from .headless import HeadlessSlicer
 
         with _quiet_vtk_log(args.verbose), HeadlessSlicer(cacheDirectory=staging / ".cache", quiet=not args.verbose) as slicer_app:
@@ -520,24 +585,16 @@ def run_register(args) -> dict:
                                    ("moving_labels", args.moving_labels), ("fixed_mask", args.fixed_mask))
                 if value
             }
-            _write_outputs(slicer_app, outputs, staged, fixed_grid, truth_node)
+            run_sweep = None
             if sweep:
 
                 def register_again(lam, previous):
                     return logic.register(regularizationWeight=lam, outputNodes=previous, **options)
 
-                metrics["lambda_sweep"] = run_lambda_sweep(logic, outputs, sweep, register_again)
-                with _writing(staged, "lambda_sweep.json/png"):
-                    write_lambda_sweep(metrics["lambda_sweep"], staging, metrics["method"])
-            metrics[RECORD_KEY] = staged.record()
-            with _writing(staged, METRICS_FILE):
-                (staging / METRICS_FILE).write_text(json.dumps(jsonSafe(metrics), indent=2, sort_keys=True) + "\n")
-        try:
-            staged.publish()
-        except OSError as error:  # a rename failed; if it was committed, the next run into the folder completes it
-            raise OutputWriteError(
-                f"could not move the results into '{staged.output}': {error.strerror or error}"
-            ) from None
+                def run_sweep():
+                    return run_lambda_sweep(logic, outputs, sweep, register_again)
+
+            write_output_set(slicer_app, outputs, staged, metrics, fixed_grid, truth_node, run_sweep)
         return metrics
     except KeyboardInterrupt as interrupt:
         interrupt.output_written = staged.published
@@ -575,6 +632,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``learnedreg``; returns the exit status (0 ok, 2 user error, 128 + n after signal n)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        if importlib.util.find_spec("trame_slicer") is None:
+            print("learnedreg: error: the web app needs the web extra (bash scripts/setup_env.sh --web, "
+                  "then .venv-web/bin/learnedreg serve)", file=sys.stderr)
+            return EXIT_USER_ERROR
+        from .web import serve
+
+        return serve(args)
     if args.command != "register":
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR

@@ -93,10 +93,33 @@ class HeadlessSlicer:
     Call :meth:`close` (or use it as a context manager) to clear the scene and delete the cache
     directory it created. With ``quiet=True``, native libraries print nothing while files are
     read or written (see the module docstring).
+
+    **Adopting an application's scene.** Given ``scene`` and ``applicationLogic`` (both, e.g.
+    trame-slicer's ``SlicerApp.scene`` and ``SlicerApp.app_logic``), it builds no scene and no
+    second set of module logics: it uses the logics registered on that application logic under
+    the names above and creates (and registers) only the missing ones; the remote-IO set-up is
+    added only when the scene has no data-IO manager. :meth:`close` then leaves the scene as it
+    is (it belongs to the application) and only removes a cache folder made here.
+
+    Raises:
+        ValueError: only one of ``scene`` and ``applicationLogic``, or an application logic of
+            another scene.
     """
 
-    def __init__(self, cacheDirectory: str | os.PathLike | None = None, quiet: bool = False):
+    def __init__(
+        self,
+        cacheDirectory: str | os.PathLike | None = None,
+        quiet: bool = False,
+        *,
+        scene=None,
+        applicationLogic=None,
+    ):
+        if (scene is None) != (applicationLogic is None):
+            raise ValueError("HeadlessSlicer adopts a scene together with its application logic: give both or neither")
+        if scene is not None and applicationLogic.GetMRMLScene() is not scene:
+            raise ValueError("HeadlessSlicer: 'applicationLogic' must be the application logic of 'scene'")
         self.quiet = bool(quiet)
+        self._ownsScene = scene is None
         self._ownedCache = cacheDirectory is None
         self.cacheDirectory = Path(cacheDirectory or tempfile.mkdtemp(prefix="learnedreg-mrml-cache-"))
         self.cacheDirectory.mkdir(parents=True, exist_ok=True)
@@ -108,6 +131,9 @@ class HeadlessSlicer:
         # The cache manager refuses to manage (and warns about) a folder without its sentinel.
         (self.cacheDirectory / ".slicer-cache").touch()
 
+        if not self._ownsScene:
+            self._adopt(scene, applicationLogic)
+            return
         self.scene = slicer.vtkMRMLScene()
         self.applicationLogic = slicer.vtkSlicerApplicationLogic()
         self.applicationLogic.SetTemporaryPath(str(self.cacheDirectory))
@@ -147,10 +173,36 @@ class HeadlessSlicer:
         logic.SetMRMLScene(self.scene)
         self.applicationLogic.SetModuleLogic(name, logic)
 
+    def _adopt(self, scene, applicationLogic) -> None:
+        """Use ``scene`` and the module logics already registered on ``applicationLogic`` (class docstring)."""
+        self.scene = scene
+        self.applicationLogic = applicationLogic
+        logics = (
+            ("Colors", "colorLogic", slicer.vtkSlicerColorLogic),
+            ("Volumes", "volumesLogic", slicer.vtkSlicerVolumesLogic),
+            ("Markups", "markupsLogic", slicer.vtkSlicerMarkupsLogic),
+            ("Segmentations", "segmentationsLogic", slicer.vtkSlicerSegmentationsModuleLogic),
+            ("Transforms", "transformLogic", slicer.vtkSlicerTransformLogic),
+        )
+        for name, attribute, logicClass in logics:
+            logic = applicationLogic.GetModuleLogic(name)
+            if logic is None:
+                logic = logicClass()
+                self._addLogic(name, logic)
+            setattr(self, attribute, logic)
+        self.remoteIOLogic = self.dataIOManagerLogic = None
+        if scene.GetDataIOManager() is None:  # ReadFromMRB needs one
+            self.remoteIOLogic = slicer.vtkMRMLRemoteIOLogic()
+            self.remoteIOLogic.GetCacheManager().SetRemoteCacheDirectory(str(self.cacheDirectory))
+            self.dataIOManagerLogic = slicer.vtkDataIOManagerLogic()
+            self.dataIOManagerLogic.SetMRMLApplicationLogic(applicationLogic)
+            self.dataIOManagerLogic.SetAndObserveDataIOManager(self.remoteIOLogic.GetDataIOManager())
+            applicationLogic.SetMRMLSceneDataIO(scene, self.remoteIOLogic, self.dataIOManagerLogic)
+
     # ------------------------------------------------------------------------------ life cycle
     def close(self) -> None:
-        """Clear the scene and remove the cache directory if this object created it."""
-        if self.scene is not None:
+        """Clear the scene (unless it was adopted) and remove the cache directory if this object created it."""
+        if self.scene is not None and self._ownsScene:
             self.scene.Clear(True)
         if self._removeCache is not None:
             self._removeCache()
