@@ -58,8 +58,10 @@ def test_every_lambda_without_a_new_optimization_smoother_as_lambda_rises(demo, 
     results = [path.predict(lam) for lam in lambdas]
     # The knots' velocities hold less diffusion energy as λ rises (what the optimization trades off;
     # between knots the interpolation is smoother still); the deformation vanishes at λ = 1.
+    # A knot whose steps do not lower its objective keeps its neighbour's velocity (:mod:`engine.optimize`:
+    # on this smooth phantom the knot below the reference does, with 6 steps), so non-increasing.
     energy = [float(diffusion(normalized_to_mm(v, path.control_grid), path.control_grid.spacing)) for v in path.velocities]
-    assert all(a > b for a, b in zip(energy, energy[1:])), energy
+    assert all(a >= b for a, b in zip(energy, energy[1:])) and energy[0] > energy[-1], energy
     assert sdlogj(results[1].jacobian) > sdlogj(results[-3].jacobian) > sdlogj(results[-1].jacobian)
     assert sdlogj(results[-1].jacobian) < 1e-6  # the affine alone: a constant determinant
     world = demo.fixed_grid.world_points()
@@ -98,8 +100,8 @@ def test_cancel_and_bad_options(demo, quick):
                       progress=lambda f, m: calls.append(f), cancel=lambda: len(calls) > 20)
     with pytest.raises(ValueError, match="knots"):
         PathOptions(knots=(0.5, 0.2)).validated()
-    with pytest.raises(ValueError, match="reference"):
-        register_path(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, RegistrationOptions(regularization_weight=1.0))
+    with pytest.raises(ValueError, match="knots"):
+        register_path(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, quick, PathOptions(knots=(0.0, 0.5)))
 
 
 def _local_pair():
@@ -115,7 +117,10 @@ def _local_pair():
 
 def test_learned_lambda_map_is_in_zero_one_and_lower_where_the_pair_deforms(quick):
     fixed, grid, moving, bump, centre = _local_pair()
-    path = register_path(fixed, grid, moving, grid, quick, PathOptions(knot_iterations=4, spatially_varying=True))
+    # no affine (the pair needs none) and twice the quick iterations: with fewer, the reference knot
+    # does not lower the similarity of this smooth phantom (its MSE is 1e-5) and is rolled back
+    options = replace(quick, affine_model="none", deformable_iterations=(80, 40))
+    path = register_path(fixed, grid, moving, grid, options, PathOptions(knot_iterations=4, spatially_varying=True))
     assert path.learned_map is not None
     result = path.predict(0.5)
     weight = result.lambda_map / 0.5  # λ(x) / the prior's mode: 1 is the uniform weight
@@ -124,3 +129,15 @@ def test_learned_lambda_map_is_in_zero_one_and_lower_where_the_pair_deforms(quic
     near = np.linalg.norm(grid.world_points() - centre, axis=-1) < 6.0
     far = np.linalg.norm(grid.world_points() - centre, axis=-1) > 20.0
     assert weight[near].mean() < weight[far].mean()  # less regularization where the registration needs freedom
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_a_path_asked_at_lambda_0_or_1_is_registered_around_the_default(demo, path, quick, lam):
+    """No knot can sit at 0 or 1 (the path's interpolation is in log(λ / (1 - λ))): the path runs
+    around the default λ, the same as the one registered there, and is evaluated at the λ asked."""
+    at_end = register_path(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, replace(quick, regularization_weight=lam),
+                           PathOptions(knot_iterations=6))
+    assert at_end.knots == path.knots
+    result = at_end.predict(lam)
+    assert result.regularization_weight == lam
+    np.testing.assert_allclose(result.displacement_ras, path.predict(lam).displacement_ras, atol=1e-4)

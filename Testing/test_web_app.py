@@ -283,16 +283,6 @@ def test_session_lambda_updates_the_same_nodes_and_the_table(session):
     session.setLambda(0.25)
 
 
-def test_session_registers_the_path_around_the_default_at_lambda_0_and_1(session):
-    """The λ path's reference must lie inside (0, 1); the slider may sit at either end."""
-    from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA
-
-    for lam in (0.0, 1.0):
-        assert session.prepare("path", "mse", lam, False).options.regularization_weight == DEFAULT_LAMBDA
-    assert session.prepare("optimize", "mse", 0.0, False).options.regularization_weight == 0.0
-    assert session.prepare("path", "mse", 0.4, False).options.regularization_weight == 0.4
-
-
 def test_session_refuses_bad_inputs_and_keeps_the_pair(session):
     from LearnedRegistrationLib.app.web_session import Inputs
 

@@ -35,7 +35,6 @@ import numpy as np
 
 from ..bridge import mrml
 from ..bridge.logic import RegistrationLogic, RegistrationOutputNodes
-from ..engine.common import DEFAULT_LAMBDA
 from ..engine.metric_table import EVALUATION_KEYS, metric
 from .cli import _demo_inputs, run_lambda_sweep, write_lambda_sweep, write_output_set
 from .headless import HeadlessSlicer
@@ -63,10 +62,6 @@ SWEEP_LAMBDAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 #: Rows of the page's metrics table: the panel's evaluation rows, the demo's error against its
 #: known displacement, and the time of the last λ change.
 TABLE_KEYS = (*EVALUATION_KEYS, "displacement_error_mean_mm", "displacement_error_p95_mm", "update_s")
-#: Methods that run the λ path, whose reference λ must lie strictly inside (0, 1) (:mod:`engine.path`):
-#: with the slider at 0 or 1 they register at the default λ, and the caller then moves the outputs
-#: to the slider's λ (:meth:`RegistrationSession.setLambda`), which may be 0 or 1.
-PATH_METHODS = ("path", "network+adapt")
 #: Opacity of the warped (or moving) image over the fixed one.
 OVERLAY_OPACITY = 0.5
 #: Slicer's diverging colour table for the Jacobian map (:data:`bridge.mrml.JACOBIAN_COLOR_NODE_IDS`):
@@ -240,19 +235,13 @@ class RegistrationSession:
     def prepare(self, method: str, similarity: str, regularizationWeight: float, spatiallyVarying: bool):
         """The logic's request for the loaded inputs (loop thread): :meth:`RegistrationLogic.prepareRegistration`.
 
-        With a λ-path method (:data:`PATH_METHODS`) and λ = 0 or 1, the path is registered around
-        the default λ instead; set the wanted λ with :meth:`setLambda` once it is written.
-
         Raises:
             ValueError: no inputs loaded, or what ``prepareRegistration`` refuses.
         """
         if not self._nodes:
             raise ValueError("load a fixed and a moving image first")
-        lam = float(regularizationWeight)
-        if str(method).lower() in PATH_METHODS and lam in (0.0, 1.0):
-            lam = DEFAULT_LAMBDA
         return self.logic.prepareRegistration(
-            regularizationWeight=lam,
+            regularizationWeight=float(regularizationWeight),
             method=method,
             similarity=similarity,
             spatiallyVarying=bool(spatiallyVarying),

@@ -158,8 +158,11 @@ def computeRegistration(
             cancel=cancelRequested,
         )
     else:
+        started = time.perf_counter()
         session = instantSession(request, report, cancelRequested, networks)
         result = session.predict(request.options.regularization_weight)
+        # the run's time (the session and its first λ), not the prediction's alone
+        result = replace(result, runtime_s=time.perf_counter() - started)
     report(0.95, "computing metrics")
     computed = deriveOutputs(request, result, session)
     report(1.0, "done")
@@ -287,8 +290,13 @@ def networkSession(
 def deriveOutputs(
     request: RegistrationRequest, result: RegistrationResult, session: Optional[InstantSession] = None
 ) -> ComputedRegistration:
-    """Metrics, warped labels, checkerboard and difference of an engine result (any thread)."""
+    """Metrics, warped labels, checkerboard and difference of an engine result (any thread).
+
+    Each derived volume is one new array on the fixed grid, made slab by slab by the engine
+    (checkerboard, difference, resampled labels; metrics over slabs), so that a clinical-size
+    volume costs its outputs and little more."""
     from ..engine import metrics as metricsLib
+    from ..engine.common import release_freed_memory
     from ..engine.transforms import resample_image
     from ..engine.visualization import checkerboard, difference
 
@@ -307,14 +315,14 @@ def deriveOutputs(
     if request.method == "path":
         metrics["spatially_varying"] = bool(request.spatiallyVarying)
 
+    def labelsOnFixedGrid(displacement: Optional[np.ndarray]) -> np.ndarray:
+        resampled = resample_image(request.movingLabels, request.movingGrid, fixedGrid, displacement, mode="nearest")
+        return np.rint(resampled, out=resampled).astype(np.int32)
+
     warpedLabels = None
     if request.movingLabels is not None:
-        warpedLabels = np.rint(
-            resample_image(request.movingLabels, request.movingGrid, fixedGrid, result.displacement_ras, mode="nearest")
-        ).astype(np.int32)
-        initialLabels = np.rint(
-            resample_image(request.movingLabels, request.movingGrid, fixedGrid, mode="nearest")
-        ).astype(np.int32)
+        warpedLabels = labelsOnFixedGrid(result.displacement_ras)
+        initialLabels = labelsOnFixedGrid(None)
         labels = request.evaluationLabels
         dice = metricsLib.dice_per_label(request.fixedLabels, warpedLabels, labels)
         diceInitial = metricsLib.dice_per_label(request.fixedLabels, initialLabels, labels)
@@ -340,6 +348,7 @@ def deriveOutputs(
 
     board = checkerboard(request.fixed, result.warped, fixedGrid, request.checkerboardSquareMm)
     diff = difference(request.fixed, result.warped)
+    release_freed_memory()  # the slabs' temporaries, before the caller writes the outputs
     return ComputedRegistration(result, board, diff, warpedLabels, metrics, session)
 
 

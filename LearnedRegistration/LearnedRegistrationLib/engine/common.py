@@ -12,6 +12,8 @@ used), so the Slicer panel and the logic can use its types and defaults before P
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -214,12 +216,19 @@ def validate_volume(name: str, image: np.ndarray, grid: ImageGrid) -> np.ndarray
 
 
 def normalize_intensity(image: np.ndarray) -> np.ndarray:
-    """Robust rescale to about [0, 1] (0.5th-99.5th percentile), so losses and κ have a known scale."""
+    """Robust rescale to about [0, 1] (0.5th-99.5th percentile), so losses and κ have a known scale.
+
+    Returns a new (Z, Y, X) float32 array, computed slab by slab (:func:`z_slabs`): the float64
+    arithmetic never holds more than a slab.
+    """
     sample = image.reshape(-1)[:: max(1, image.size // 2_000_000)]
     lo, hi = np.percentile(sample, [0.5, 99.5])
     if hi <= lo:
         lo, hi = float(image.min()), float(image.max())
-    return np.clip((image - lo) / (hi - lo), -0.5, 1.5).astype(np.float32)
+    out = np.empty(image.shape, dtype=np.float32)
+    for z0, z1 in z_slabs(image.shape):
+        out[z0:z1] = np.clip((image[z0:z1] - lo) / (hi - lo), -0.5, 1.5)
+    return out
 
 
 def match_histogram(moving: np.ndarray, fixed: np.ndarray, levels: int = 256, match_points: int = 15) -> np.ndarray:
@@ -232,10 +241,133 @@ def match_histogram(moving: np.ndarray, fixed: np.ndarray, levels: int = 256, ma
     import SimpleITK as sitk
 
     matched = sitk.HistogramMatching(
-        sitk.GetImageFromArray(moving.astype(np.float32)),
-        sitk.GetImageFromArray(fixed.astype(np.float32)),
+        sitk.GetImageFromArray(np.asarray(moving, dtype=np.float32)),  # SimpleITK copies the voxels
+        sitk.GetImageFromArray(np.asarray(fixed, dtype=np.float32)),
         numberOfHistogramLevels=levels,
         numberOfMatchPoints=match_points,
         thresholdAtMeanIntensity=True,
     )
-    return sitk.GetArrayFromImage(matched).astype(np.float32)
+    return np.array(sitk.GetArrayViewFromImage(matched), dtype=np.float32)
+
+
+#: Voxels per slab of the full-resolution passes (:func:`z_slabs`): 2 M voxels, 8 MB per float32
+#: channel, so that a slab's temporaries (sampling positions, their permuted copy, sampled
+#: channels, derivatives: about 24 channels) stay near 200 MB whatever the volume.
+SLAB_VOXELS = 1 << 21
+
+
+def z_slabs(shape, voxels: Optional[int] = None) -> list[tuple[int, int]]:
+    """``[(z0, z1), ...]``: consecutive ranges of the first (slowest) axis of an array of ``shape``
+    (Z, Y, X) that cover it, each of about ``voxels`` voxels (default :data:`SLAB_VOXELS`; at least
+    one slice).
+
+    The full-resolution outputs (warped, displacement, Jacobian, checkerboard, difference, λ map)
+    are computed slab by slab along Z and written into their arrays, so that a clinical-size
+    volume (512 x 512 x 400) costs its outputs and a slab's temporaries.
+    """
+    depth, per_slice = int(shape[0]), max(1, int(np.prod(shape[1:])))
+    step = max(1, int(SLAB_VOXELS if voxels is None else voxels) // per_slice)
+    return [(z, min(depth, z + step)) for z in range(0, depth, step)]
+
+
+#: Environment variable: the memory (GB, 10^9 bytes) a registration may still allocate, used
+#: instead of what the system reports available (for tests, or a limit the system does not report).
+MEMORY_LIMIT_ENV = "LEARNEDREG_MEMORY_LIMIT_GB"
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Bytes of memory this process may still allocate, or None when the system does not say.
+
+    ``$LEARNEDREG_MEMORY_LIMIT_GB`` when it is set; otherwise on Linux ``MemAvailable`` of
+    ``/proc/meminfo`` (bounded by the control group's limit, in a container), on Windows the
+    available physical memory, elsewhere ``os.sysconf``'s available pages where it has them.
+
+    Raises:
+        ValueError: ``$LEARNEDREG_MEMORY_LIMIT_GB`` is not a positive number.
+    """
+    value = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if value:
+        try:
+            limit_gb = float(value)
+        except ValueError:
+            limit_gb = float("nan")
+        if not (math.isfinite(limit_gb) and limit_gb > 0):
+            raise ValueError(f"the environment variable {MEMORY_LIMIT_ENV} must be a positive number of GB, got {value!r}")
+        return int(limit_gb * 1e9)
+    available = _meminfo_available()
+    if available is not None:
+        headroom = _cgroup_headroom()
+        return available if headroom is None else min(available, headroom)
+    if sys.platform == "win32":
+        return _windows_available()
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed but is still held by the C allocator back to the system (glibc's
+    ``malloc_trim``; a no-op elsewhere).
+
+    The optimizer frees thousands of tensors smaller than glibc's 32 MB ``mmap`` threshold, whose
+    memory otherwise stays resident (about 0.6 GB after a λ path at a 2 mm working spacing) while
+    the full-resolution outputs are made.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _meminfo_available() -> Optional[int]:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (Linux), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> Optional[int]:
+    """Bytes left below this control group's memory limit (cgroup v2, then v1), or None without a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(usage_file, encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # no limit
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def _windows_available() -> Optional[int]:
+    """Available physical memory in bytes on Windows (``GlobalMemoryStatusEx``), or None."""
+    import ctypes
+
+    class MemoryStatus(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong), ("ullTotalPhys", ctypes.c_ulonglong),
+                    ("ullAvailPhys", ctypes.c_ulonglong), ("ullTotalPageFile", ctypes.c_ulonglong),
+                    ("ullAvailPageFile", ctypes.c_ulonglong), ("ullTotalVirtual", ctypes.c_ulonglong),
+                    ("ullAvailVirtual", ctypes.c_ulonglong), ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+    status = MemoryStatus()
+    status.dwLength = ctypes.sizeof(MemoryStatus)
+    try:
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return int(status.ullAvailPhys)
+    except (AttributeError, OSError):
+        pass
+    return None

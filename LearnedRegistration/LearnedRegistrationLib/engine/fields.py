@@ -14,7 +14,10 @@ displacement of ``x -> A(x + u(x))``, the warped moving image and the Jacobian d
   exact and ``u`` takes its border value (as ``grid_sample``'s "border" padding);
 - when the fixed grid and the coarse grid are axis-aligned up to permutations and flips (the
   usual case, and always for a pyramid level of the fixed grid), the trilinear sampling is three
-  1-D matrix passes (:class:`transforms.AxisAlignedResampler`); otherwise ``grid_sample``.
+  1-D matrix passes (:class:`transforms.AxisAlignedResampler`); otherwise ``grid_sample``;
+- the full-resolution outputs are computed in slabs along the fixed grid's Z
+  (:func:`common.z_slabs`) and written into their arrays, so that beyond the outputs
+  themselves only a slab's positions and channels are in memory (:class:`FixedGridOutputs`).
 
 Frames: ``u: (1, 3, z, y, x)`` in the normalized units of ``frame`` (a grid whose extent the coarse
 grid shares), channels (x, y, z); outputs on the fixed grid, RAS mm (see :mod:`grid`).
@@ -28,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common import release_freed_memory, z_slabs
 from .grid import ImageGrid
+from .metrics import jacobian_map
 from .transforms import AxisAlignedResampler, grid_sample, sampling_grid
 
 
@@ -58,7 +63,6 @@ class FixedGridSampler:
         self._base: Optional[torch.Tensor] = None
         self._extended: Optional[ImageGrid] = None
         self._resampler: Optional[AxisAlignedResampler] = None
-        self._points: Optional[torch.Tensor] = None
 
     def coarse_fields(self, u: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(1, 6 + C, z + 2, y + 2, x + 2) on the extended coarse grid: RAS displacement ``A(x + u) - x``
@@ -73,14 +77,18 @@ class FixedGridSampler:
         deformable = F.pad(deformable, (1,) * 6, mode="replicate")  # border value, like grid_sample's "border"
         return torch.cat([self._base + deformable[:, :6], deformable[:, 6:]], dim=1)
 
-    def to_fixed(self, coarse: torch.Tensor) -> torch.Tensor:
+    def to_fixed(self, coarse: torch.Tensor, rows: Optional[tuple[int, int]] = None, channels_last: bool = False) -> torch.Tensor:
         """(1, C, z + 2, y + 2, x + 2) on the extended grid (:meth:`coarse_fields`) -> (1, C, Z, Y, X)
-        at the fixed voxels (trilinear)."""
+        at the fixed voxels (trilinear); with ``rows = (z0, z1)`` only the fixed slices z0 <= Z < z1
+        (a slab of :func:`common.z_slabs`), (1, C, z1 - z0, Y, X); with ``channels_last``
+        (1, Z, Y, X, C), contiguous (e.g. positions for ``grid_sample``)."""
+        if self._extended is None:
+            raise ValueError("FixedGridSampler.to_fixed() needs the coarse_fields() of a displacement first")
         if self._resampler is not None:
-            return self._resampler(coarse)
-        if self._points is None:
-            self._points = sampling_grid(self.fixed_grid, self._extended, device=self.device)
-        return grid_sample(coarse, self._points, "linear", padding_mode="border")
+            return self._resampler(coarse, channels_last=channels_last, rows=rows)
+        points = sampling_grid(self.fixed_grid, self._extended, device=self.device, rows=rows)
+        out = grid_sample(coarse, points, "linear", padding_mode="border")
+        return out.permute(0, 2, 3, 4, 1).contiguous() if channels_last else out
 
     def _build(self, shape: tuple) -> None:
         grid = self.frame.resized(shape)
@@ -91,14 +99,54 @@ class FixedGridSampler:
         to_moving = self.moving_grid.ras_to_normalized
         base = np.concatenate([moved - ras, moved @ to_moving[:3, :3].T + to_moving[:3, 3]], axis=-1)
         self._base = torch.as_tensor(base.transpose(3, 0, 1, 2)[None].astype(np.float32), device=self.device)
-        self._extended, self._shape, self._points = extended, shape, None
+        self._extended, self._shape = extended, shape
         self._resampler = AxisAlignedResampler.between(self.fixed_grid, extended, self.device)
+
+
+@torch.no_grad()
+def sample_warped(sampler: FixedGridSampler, coarse: torch.Tensor, moving: torch.Tensor) -> np.ndarray:
+    """The moving image at the moving positions of :meth:`FixedGridSampler.coarse_fields`, slab by slab.
+
+    Args:
+        sampler: the sampler ``coarse`` came from.
+        coarse: (1, 6 + C, z + 2, y + 2, x + 2) coarse fields (channels 3-5: moving normalized positions).
+        moving: (1, 1, Z', Y', X') moving image on the sampler's moving grid and device.
+
+    Returns:
+        (Z, Y, X) float32 on the fixed grid (trilinear; 0 outside the moving image).
+    """
+    out = np.empty(sampler.fixed_grid.shape, dtype=np.float32)
+    positions = coarse[:, 3:6].contiguous()
+    for z0, z1 in z_slabs(out.shape):
+        points = sampler.to_fixed(positions, (z0, z1), channels_last=True)  # (1, z1 - z0, Y, X, 3)
+        out[z0:z1] = grid_sample(moving, points, "linear", padding_mode="zeros")[0, 0].cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def sample_displacement(sampler: FixedGridSampler, coarse: torch.Tensor) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The RAS displacement (and the extra channels) of :meth:`FixedGridSampler.coarse_fields` at the
+    fixed voxels, slab by slab.
+
+    Returns:
+        ``(displacement_ras (Z, Y, X, 3) float32 RAS mm, extra (C, Z, Y, X) float32 or None)``.
+    """
+    shape = sampler.fixed_grid.shape
+    fields = coarse[:, [0, 1, 2, *range(6, coarse.shape[1])]].contiguous()
+    displacement = np.empty((*shape, 3), dtype=np.float32)
+    extra = np.empty((fields.shape[1] - 3, *shape), dtype=np.float32) if fields.shape[1] > 3 else None
+    for z0, z1 in z_slabs(shape):
+        sampled = sampler.to_fixed(fields, (z0, z1))[0]  # (3 + C, z1 - z0, Y, X)
+        displacement[z0:z1] = sampled[:3].permute(1, 2, 3, 0).cpu().numpy()
+        if extra is not None:
+            extra[:, z0:z1] = sampled[3:].cpu().numpy()
+    return displacement, extra
 
 
 def warp_and_displacement(
     sampler: FixedGridSampler, moving: torch.Tensor, u: torch.Tensor, extra: Optional[torch.Tensor] = None
 ) -> tuple[np.ndarray, np.ndarray, Optional[torch.Tensor]]:
-    """The warped moving image and the RAS displacement of ``u`` at the fixed voxels.
+    """The warped moving image and the RAS displacement of ``u`` at the fixed voxels (slab by slab).
 
     Args:
         sampler: for the pair's grids and affine.
@@ -108,10 +156,76 @@ def warp_and_displacement(
 
     Returns:
         ``(warped (Z, Y, X) float32, displacement_ras (Z, Y, X, 3) float32 RAS mm, extra (C, Z, Y, X)
-        tensor or None)``.
+        CPU tensor or None)``.
     """
-    sampled = sampler.to_fixed(sampler.coarse_fields(u, extra))[0]  # (6 + C, Z, Y, X)
-    displacement_ras = sampled[:3].permute(1, 2, 3, 0).contiguous().cpu().numpy()
-    moving_points = sampled[3:6].permute(1, 2, 3, 0).contiguous().unsqueeze(0)  # (1, Z, Y, X, 3)
-    warped = grid_sample(moving, moving_points, "linear", padding_mode="zeros")[0, 0]
-    return warped.cpu().numpy(), displacement_ras, (sampled[6:] if extra is not None else None)
+    with torch.no_grad():
+        coarse = sampler.coarse_fields(u, extra)
+    warped = sample_warped(sampler, coarse, moving)
+    displacement_ras, sampled_extra = sample_displacement(sampler, coarse)
+    return warped, displacement_ras, (None if sampled_extra is None else torch.from_numpy(sampled_extra))
+
+
+class FixedGridOutputs:
+    """The full-resolution outputs of one coarse displacement, each computed (slab by slab) when first
+    asked for, all (Z, Y, X) float32 numpy arrays on the fixed grid.
+
+    ``warped`` needs the moving positions at the fixed voxels and one trilinear sampling of the
+    moving image (about a third of the work: a viewer can show it first); ``displacement_ras``,
+    ``lambda_map`` and ``jacobian`` add the rest. The λ path's evaluation at one λ and the
+    optimizer's result share this class.
+
+    Args:
+        sampler: the pair's :class:`FixedGridSampler` (fixed grid, affine, moving grid).
+        moving: (1, 1, Z', Y', X') moving image (any intensity unit) on the sampler's moving grid and device.
+        u: (1, 3, z, y, x) coarse displacement in the sampler's frame, normalized units, (x, y, z).
+        lam: λ, the regularization weight.
+        user_lambda_map: the user's λ(x) on the fixed grid, (Z, Y, X), or None (1 everywhere).
+        learned_map: a learned λ(x) / mean λ(x), (1, 1, z, y, x) on ``u``'s grid, or None.
+    """
+
+    def __init__(self, sampler: FixedGridSampler, moving: torch.Tensor, u: torch.Tensor, lam: float,
+                 user_lambda_map: Optional[np.ndarray] = None, learned_map: Optional[torch.Tensor] = None) -> None:
+        self.sampler, self.moving, self.lam, self.user_lambda_map = sampler, moving, float(lam), user_lambda_map
+        with torch.no_grad():
+            self._coarse = sampler.coarse_fields(u, learned_map)
+        self._warped: Optional[np.ndarray] = None
+        self._displacement: Optional[np.ndarray] = None
+        self._jacobian: Optional[np.ndarray] = None
+        self._lambda_map: Optional[np.ndarray] = None
+
+    @property
+    def warped(self) -> np.ndarray:
+        """(Z, Y, X) float32 moving image resampled at ``A(x + u(x))`` (0 outside it)."""
+        if self._warped is None:
+            self._warped = sample_warped(self.sampler, self._coarse, self.moving)
+            release_freed_memory()  # the slabs' temporaries, before the next output
+        return self._warped
+
+    @property
+    def displacement_ras(self) -> np.ndarray:
+        """(Z, Y, X, 3) float32 RAS mm resampling displacement."""
+        if self._displacement is None:
+            displacement, learned = sample_displacement(self.sampler, self._coarse)
+            # the regularization weight used at each voxel: λ · user's λ(x) · learned λ(x) / mean
+            shape, user = self.sampler.fixed_grid.shape, self.user_lambda_map
+            lambda_map = np.full(shape, self.lam, np.float32) if user is None else np.multiply(user, self.lam, dtype=np.float32)
+            if learned is not None:
+                lambda_map *= learned[0]
+            self._displacement, self._lambda_map = displacement, lambda_map
+            release_freed_memory()
+        return self._displacement
+
+    @property
+    def lambda_map(self) -> np.ndarray:
+        """(Z, Y, X) float32 regularization weight used at each voxel (sampled with the displacement)."""
+        if self._lambda_map is None:
+            _ = self.displacement_ras
+        return self._lambda_map
+
+    @property
+    def jacobian(self) -> np.ndarray:
+        """(Z, Y, X) float32 Jacobian determinant of ``x -> x + d(x)``."""
+        if self._jacobian is None:
+            self._jacobian = jacobian_map(self.displacement_ras, self.sampler.fixed_grid)
+            release_freed_memory()  # the derivative slabs of every thread
+        return self._jacobian

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .common import z_slabs
 from .filters import jacobian_determinant
 from .grid import ImageGrid
 from .transforms import ras_displacement_to_mm_ijk
@@ -129,22 +130,73 @@ def tre_mm(
 
 
 def jacobian_map(displacement_ras: np.ndarray, grid: ImageGrid) -> np.ndarray:
-    """Jacobian determinant of ``x -> x + d(x)`` for a (Z, Y, X, 3) RAS mm displacement, (Z, Y, X) float32."""
+    """Jacobian determinant of ``x -> x + d(x)`` for a (Z, Y, X, 3) RAS mm displacement, (Z, Y, X) float32.
+
+    Computed in slabs along Z with a one-slice halo (:func:`common.z_slabs`), so that the
+    central differences are those of the whole volume and only a slab is converted at a time.
+
+    Raises:
+        ValueError: a displacement that is not (Z, Y, X, 3) on ``grid``.
+    """
+    displacement_ras = np.asarray(displacement_ras)
+    if displacement_ras.shape != (*grid.shape, 3):
+        raise ValueError(f"jacobian_map() 'displacement_ras' must have shape {(*grid.shape, 3)}, got {displacement_ras.shape}")
+    out = np.empty(grid.shape, dtype=np.float32)
+    depth = grid.shape[0]
     with torch.no_grad():
-        jac = jacobian_determinant(ras_displacement_to_mm_ijk(displacement_ras, grid), grid.spacing)
-    return jac[0].numpy().astype(np.float32)
+        for z0, z1 in z_slabs(grid.shape):
+            a, b = max(0, z0 - 1), min(depth, z1 + 1)
+            jac = jacobian_determinant(ras_displacement_to_mm_ijk(displacement_ras[a:b], grid), grid.spacing)
+            out[z0:z1] = jac[0, z0 - a : z1 - a].numpy()
+    return out
+
+
+def _masked_slabs(values: np.ndarray, mask: Optional[np.ndarray]):
+    """The values (inside ``mask`` when given) as flat slabs along the first axis (no whole-volume temporaries)."""
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != values.shape:
+            raise ValueError(f"the mask has shape {mask.shape} but the values have {values.shape}")
+    for z0, z1 in z_slabs(values.shape):
+        yield values[z0:z1].reshape(-1) if mask is None else values[z0:z1][mask[z0:z1] > 0]
 
 
 def folding_percent(jacobian: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
-    """Percentage of voxels (inside ``mask`` when given) with a non-positive Jacobian determinant."""
-    values = jacobian if mask is None else jacobian[np.asarray(mask) > 0]
-    return float(100.0 * np.mean(values <= 0)) if values.size else float("nan")
+    """Percentage of voxels (inside ``mask`` when given) with a non-positive Jacobian determinant.
+
+    Raises:
+        ValueError: a mask whose shape differs from the Jacobian's.
+    """
+    folded = total = 0
+    for values in _masked_slabs(np.asarray(jacobian), mask):
+        folded += int(np.count_nonzero(values <= 0))
+        total += values.size
+    return float(100.0 * folded / total) if total else float("nan")
 
 
 def sdlogj(jacobian: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
-    """Standard deviation of ``log J`` (J clipped to [1e-9, 1e9]), inside ``mask`` when given (Learn2Reg)."""
-    values = jacobian if mask is None else jacobian[np.asarray(mask) > 0]
-    return float(np.std(np.log(np.clip(values, 1e-9, 1e9)))) if values.size else float("nan")
+    """Standard deviation of ``log J`` (J clipped to [1e-9, 1e9]), inside ``mask`` when given (Learn2Reg).
+
+    Two passes over slabs (mean, then squared deviations) with float64 sums.
+
+    Raises:
+        ValueError: a mask whose shape differs from the Jacobian's.
+    """
+    jacobian = np.asarray(jacobian)
+
+    def logs():
+        for values in _masked_slabs(jacobian, mask):
+            yield np.log(np.clip(values, 1e-9, 1e9))
+
+    total = count = 0
+    for v in logs():
+        total += float(v.sum(dtype=np.float64))
+        count += v.size
+    if not count:
+        return float("nan")
+    mean = total / count
+    squares = sum(float(np.square(v - mean, dtype=np.float64).sum()) for v in logs())
+    return float(np.sqrt(squares / count))
 
 
 def displacement_error(

@@ -15,6 +15,17 @@ Pipeline (all in the fixed image's physical space, RAS mm):
    [0, 1] (Chen et al., spatially varying regularization), ``κ`` a fixed per-similarity calibration
    that puts the default λ in the useful range, and ``γ`` a small penalty on folding.
 
+**Never worse than the stage before** (:class:`_StageKeeper`): each stage (the affine stage at
+each level, the SVF stage at each level) evaluates its similarity at its start and once after its
+last step, and is rolled back to its start when the similarity did not improve; ``history``
+records ``rolled_back_<stage>`` (and :mod:`bridge.compute` lists them in the metrics). This also
+keeps a pair that starts at an optimum there (an image registered to itself, a translated copy
+after the initialization): Adam is scale-free, its first steps move every parameter by about the
+full step size whatever the gradient, and on rounding noise it walked away (an image registered
+to itself moved by 1.2 mm on average, 11 mm at most). For the same reason the matrices that
+sample the moving image are composed in float64 (:func:`_theta`): identical grids and an identity
+affine then sample exactly the same values.
+
 The device is chosen automatically (CUDA when available, else CPU) unless the caller names one.
 A ``cancel`` callable is polled every iteration; ``progress`` gets (fraction, message).
 """
@@ -22,6 +33,7 @@ A ``cancel`` callable is polled every iteration; ``progress`` gets (fraction, me
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -32,29 +44,31 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
+    SLAB_VOXELS,
     CancelCallback,
     ProgressCallback,
     RegistrationCancelled,
     RegistrationOptions,
     RegistrationResult,
+    available_memory_bytes,
     choose_device,
     match_histogram,
     normalize_intensity,
+    release_freed_memory,
     validate_volume,
+    z_slabs,
 )
+from .fields import FixedGridOutputs, FixedGridSampler
 from .filters import box_mean, gaussian_blur
 from .grid import ALIGN_CORNERS, ImageGrid, mm_per_normalized_unit
-from .metrics import jacobian_map
 from .regularization import diffusion, negative_jacobian_penalty, weighted_diffusion
 from .similarity import similarity_loss
 from .transforms import (
     affine_matrix,
-    displacement_to_ras,
     grid_sample,
     integrate_svf,
     normalized_to_mm,
     per_channel,
-    resample_image,
     resize_field,
     rotation_matrix,
     warp,
@@ -79,33 +93,265 @@ def _level_grids(grid: ImageGrid, spacings_mm: Sequence[float]) -> list[ImageGri
     return levels
 
 
+# --------------------------------------------------------------------------------- memory
+#: Full-resolution float32 volumes on the fixed grid that a registration leaves: the engine's
+#: warped image, displacement (3 channels), Jacobian and λ map, and what its callers derive from
+#: them (the logic's checkerboard and difference, and the grid transform's own copy of the
+#: displacement, 3 channels).
+OUTPUT_VOLUMES = 11
+#: float32 channels of one slab's temporaries while the outputs are computed (:func:`common.z_slabs`).
+_SLAB_CHANNELS = 24
+#: Volumes of the larger image in memory at once while the images are prepared at full resolution:
+#: both normalized images, an anti-aliased copy and a slab's temporaries, or the copies of histogram
+#: matching (peak RSS of :func:`prepare_pair` on a 256 x 256 x 200 CT, 2 CPU threads: 9.4 volumes,
+#: of which about 3 are the level-size terms of :func:`estimate_memory`).
+_PREPARATION_VOLUMES = 6
+#: The optimizer's working set in bytes per voxel of the finest deformable level (one iteration's
+#: autograd graph) and its fixed part, by similarity: peak-RSS increase of :func:`optimize_velocity`
+#: at 0.9 M and 4.1 M level voxels on 2 CPU threads, rounded up.
+_OPTIMIZER_BYTES_PER_VOXEL = {"mse": 140, "ncc": 170, "ngf": 210, "lncc": 250, "mi": 160}
+_OPTIMIZER_FIXED_BYTES = {"mse": 100e6, "ncc": 100e6, "ngf": 100e6, "lncc": 200e6, "mi": 500e6}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a registration allocates beyond its input images, by phase (:func:`estimate_memory`).
+
+    The phases follow each other, so the peak is the largest of them.
+
+    Attributes:
+        preparation: intensity preparation and the pyramid's anti-aliasing at full resolution.
+        registration: the pyramid and the optimizer's working set at the finest level.
+        outputs: the full-resolution outputs and the volumes derived from them
+            (:data:`OUTPUT_VOLUMES`), plus a slab's temporaries.
+        volume: one float32 volume on the fixed grid.
+    """
+
+    preparation: int
+    registration: int
+    outputs: int
+    volume: int
+
+    @property
+    def peak(self) -> int:
+        """The largest phase, in bytes."""
+        return max(self.preparation, self.registration, self.outputs)
+
+
+def estimate_memory(
+    fixed_grid: ImageGrid, moving_grid: ImageGrid, options: Optional[RegistrationOptions] = None, *,
+    fixed_mask: bool = False, lambda_map: bool = False,
+) -> MemoryEstimate:
+    """The memory a registration of images on these grids will need beyond the images themselves.
+
+    A model of where the memory goes, calibrated on CPU with peak RSS (constants above): the
+    outputs are :data:`OUTPUT_VOLUMES` float32 volumes on the fixed grid; preparing the images
+    holds :data:`_PREPARATION_VOLUMES` volumes of the larger image; the optimizer needs a working
+    set proportional to its finest level (``options.deformable_spacings_mm[-1]``, the working
+    spacing). The λ path and the optimizer need the same (the path's knots reuse the finest level).
+
+    Args:
+        fixed_grid, moving_grid: the images' grids.
+        options: the registration's options (defaults when None).
+        fixed_mask, lambda_map: whether a fixed mask / a λ(x) map is given (one more volume each).
+
+    Returns:
+        :class:`MemoryEstimate`.
+    """
+    opts = options or RegistrationOptions()
+    volume = 4 * int(np.prod(fixed_grid.shape))
+    larger = max(volume, 4 * int(np.prod(moving_grid.shape)))
+    extra = volume * (int(fixed_mask) + int(lambda_map))
+    levels = _level_grids(fixed_grid, opts.deformable_spacings_mm)
+    pyramid = sum(4 * (3 if fixed_mask else 2) * int(np.prod(g.shape)) for g in levels)
+    per_voxel = _OPTIMIZER_BYTES_PER_VOXEL[opts.similarity]
+    working = int(per_voxel * np.prod(levels[-1].shape) + _OPTIMIZER_FIXED_BYTES[opts.similarity]) if levels else 0
+    affine_levels = _level_grids(fixed_grid, opts.affine_spacings_mm) if opts.affine_model != "none" else []
+    affine = int(per_voxel * np.prod(affine_levels[-1].shape)) if affine_levels else 0
+    slab = 4 * _SLAB_CHANNELS * max(SLAB_VOXELS, int(np.prod(fixed_grid.shape[1:])))
+    return MemoryEstimate(
+        # the pyramid twice: its images and the sampling positions that make them
+        preparation=_PREPARATION_VOLUMES * larger + extra + 2 * pyramid + affine,
+        registration=pyramid + working,
+        outputs=OUTPUT_VOLUMES * volume + pyramid + slab,
+        volume=volume,
+    )
+
+
+def check_memory(
+    fixed_grid: ImageGrid, moving_grid: ImageGrid, options: RegistrationOptions, device: torch.device, *,
+    fixed_mask: bool = False, lambda_map: bool = False,
+) -> MemoryEstimate:
+    """Refuse, before any heavy work, a registration that will not fit in the available memory.
+
+    The need is :func:`estimate_memory`; what is available is :func:`common.available_memory_bytes`
+    (``$LEARNEDREG_MEMORY_LIMIT_GB`` overrides it). On a CUDA device the preparation and the
+    optimizer also have to fit in the GPU's free memory. Nothing is refused where the system does
+    not report its memory.
+
+    Returns:
+        The estimate (when it fits).
+
+    Raises:
+        ValueError: one line: what the registration needs, what is available, and what to change
+            (a coarser working spacing when that is enough, else a smaller fixed image).
+    """
+    estimate = estimate_memory(fixed_grid, moving_grid, options, fixed_mask=fixed_mask, lambda_map=lambda_map)
+    host = estimate.peak if device.type != "cuda" else max(estimate.preparation, estimate.outputs)
+    available = available_memory_bytes()
+    if available is not None and host > available:
+        raise ValueError(_memory_advice(estimate, host, available, "", fixed_grid, moving_grid, options, fixed_mask, lambda_map))
+    if device.type == "cuda":
+        free = int(torch.cuda.mem_get_info(device)[0])
+        gpu = max(estimate.preparation, estimate.registration)
+        if gpu > free:
+            raise ValueError(_memory_advice(estimate, gpu, free, " on the GPU", fixed_grid, moving_grid, options, fixed_mask,
+                                            lambda_map, gpu=True))
+    return estimate
+
+
+def _memory_advice(estimate: MemoryEstimate, needed: int, available: int, where: str, fixed_grid: ImageGrid,
+                   moving_grid: ImageGrid, options: RegistrationOptions, fixed_mask: bool, lambda_map: bool,
+                   gpu: bool = False) -> str:
+    """The one-line message of :func:`check_memory`."""
+
+    def gb(n: float) -> str:
+        return f"{n / 1e9:.{1 if n >= 1e9 else 2}f} GB"
+
+    size = "x".join(str(n) for n in fixed_grid.size_ijk)
+    spacings = tuple(options.deformable_spacings_mm)
+    working = f", {gb(estimate.registration)} to register at {spacings[-1]:g} mm" if spacings else ""
+    head = (f"not enough memory{where}: this registration needs about {gb(needed)} ({gb(estimate.outputs)} for the outputs "
+            f"on the {size} fixed grid{working}) but {gb(available)} is available")
+    full_resolution = estimate.preparation if gpu else max(estimate.preparation, estimate.outputs)
+    if spacings and full_resolution <= available:
+        for factor in (1.5, 2.0, 3.0, 4.0, 6.0, 8.0):
+            coarser = replace(options, deformable_spacings_mm=tuple(s * factor for s in spacings))
+            again = estimate_memory(fixed_grid, moving_grid, coarser, fixed_mask=fixed_mask, lambda_map=lambda_map)
+            if (max(again.preparation, again.registration) if gpu else again.peak) <= available:
+                spacing = f"{spacings[-1] * factor:g}"
+                return (f"{head}; register at a coarser working spacing: --working-spacing {spacing} on the command line "
+                        f"(workingSpacingMm={spacing} in Slicer's logic)")
+    if gpu:
+        return f"{head}; register on the CPU (--device cpu) or at a coarser working spacing (--working-spacing)"
+    return (f"{head}; crop or resample the fixed image to fewer voxels (each output is a volume on its grid, "
+            f"{gb(estimate.volume)} per float32 volume), or close other programs")
+
+
 def _antialias(image: torch.Tensor, source: ImageGrid, target_spacing: Sequence[float]) -> torch.Tensor:
     """Box-filter ``image`` (on ``source``) to about the voxel size of ``target_spacing`` before sampling.
 
     A box of the target voxel's width is what averaging down-sampling does; its running-sum
     implementation costs the same for any width, unlike a Gaussian convolution (5-10x slower on CPU).
+
+    ``image`` is (1, C, Z, Y, X). The passes run in slabs, so that beyond the result only a slab's
+    temporaries exist (the whole-volume filter holds about four more volumes): the pass along Z in
+    slabs along Y, the passes along Y and X in slabs along Z. Each running sum still spans a whole
+    row, so the values are exactly those of :func:`filters.box_mean` on the whole volume.
     """
     width = [int(round(t / s)) // 2 * 2 + 1 for t, s in zip(target_spacing, source.spacing)]
     if max(width) <= 1:
         return image
-    return box_mean(image, width)
+    out = torch.empty_like(image)
+    if width[2] > 1:  # along Z, slabs of rows along Y
+        rows = max(1, SLAB_VOXELS // max(1, image.shape[2] * image.shape[4]))
+        for y0 in range(0, image.shape[3], rows):
+            out[:, :, :, y0 : y0 + rows] = box_mean(image[:, :, :, y0 : y0 + rows], (1, 1, width[2]))
+        image = out
+    if width[0] > 1 or width[1] > 1:  # along Y then X, slabs along Z
+        for z0, z1 in z_slabs(image.shape[2:]):
+            out[:, :, z0:z1] = box_mean(image[:, :, z0:z1], (width[0], width[1], 1))
+    return out
+
+
+def _ones_like_grid(grid: ImageGrid, device) -> torch.Tensor:
+    """(1, 1, Z, Y, X) ones on ``grid`` without the memory of a volume (one element, expanded):
+    the user's λ(x) map when there is none. :func:`_to_level` samples it as it would a real volume
+    (so the pyramid's weights are the same to the last bit) and skips its box filter (of ones: ones)."""
+    return torch.ones((1, 1, 1, 1, 1), device=device).expand(1, 1, *grid.shape)
 
 
 def _to_level(
     image: torch.Tensor, source: ImageGrid, level: ImageGrid, theta: torch.Tensor, mode: str = "linear"
 ) -> torch.Tensor:
     """Resample a (1, 1, ...) tensor on ``source`` onto ``level`` through ``theta`` (level -> source normalized)."""
-    if mode == "linear":
+    if mode == "linear" and image.stride()[2:] != (0, 0, 0):  # an expanded constant needs no anti-aliasing
         image = _antialias(image, source, level.spacing)
     grid = F.affine_grid(theta.unsqueeze(0), (1, 1, *level.shape), align_corners=ALIGN_CORNERS)
     return grid_sample(image, grid, mode)
 
 
 def _theta(moving_grid: ImageGrid, affine: torch.Tensor, level: ImageGrid) -> torch.Tensor:
-    """(3, 4) level-normalized -> moving-normalized matrix for a torch (4, 4) RAS affine (differentiable)."""
-    left = torch.as_tensor(moving_grid.ras_to_normalized, dtype=affine.dtype, device=affine.device)
-    right = torch.as_tensor(level.normalized_to_ras, dtype=affine.dtype, device=affine.device)
-    return (left @ affine @ right)[:3]
+    """(3, 4) level-normalized -> moving-normalized matrix for a torch (4, 4) RAS affine (differentiable).
+
+    Composed in float64 and returned in ``affine``'s dtype: for one grid and the identity (an image
+    registered to itself) it is exactly the identity, so the moving image is sampled exactly as the
+    fixed one (in float32 the product is off by a few 1e-7, enough for the optimizer to act on)."""
+    left = torch.as_tensor(moving_grid.ras_to_normalized, dtype=torch.float64, device=affine.device)
+    right = torch.as_tensor(level.normalized_to_ras, dtype=torch.float64, device=affine.device)
+    return (left @ affine.to(torch.float64) @ right)[:3].to(affine.dtype)
+
+
+#: Adam steps over which each stage's step size rises linearly to its full value (:func:`_warm_up`).
+WARM_UP_STEPS = 5
+
+
+def _warm_up(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """A linear warm-up of ``optimizer``'s step sizes over :data:`WARM_UP_STEPS` steps (call
+    ``.step()`` after each of its steps).
+
+    Adam's first step moves every parameter by its full step size whatever the gradient: at the
+    start of an SVF level that is a ±0.5-voxel noise field, whose regularization took the first
+    20 steps of the demo's fine level to undo (the level ended worse than it started, 0.00035 ->
+    0.023 -> 0.00125). Warmed up, the quick demo registration's mean error dropped from 1.87 to
+    1.52 mm, the default one's stayed (1.448 -> 1.455 mm).
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARM_UP_STEPS))
+
+
+class _StageKeeper:
+    """What a stage keeps at its end (module docstring): the parameters at the start, at the lowest
+    objective seen, and the similarity at the start and at the last point.
+
+    :meth:`record` each evaluated point (the objective and the similarity, before the step, and
+    once after the last step); :meth:`finish` puts back what the stage keeps:
+
+    - ``"similarity"``: the stage is rolled back to its start when its last similarity is not
+      lower than its first (the optimizer's stages and the λ path's reference knot);
+    - ``"objective"``: the stage ends at its lowest objective (the λ path's other knots, whose start
+      is a neighbour's solution: the λ they are optimized at is in the objective alone).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        self.start: Optional[list[torch.Tensor]] = None
+        self.best: Optional[list[torch.Tensor]] = None
+        self.best_loss = math.inf
+        self.best_similarity = self.first_similarity = self.last_similarity = math.nan
+
+    def record(self, loss: float, similarity: float) -> None:
+        if self.start is None:
+            self.start = [p.detach().clone() for p in self.params]
+            self.first_similarity = similarity
+        if loss < self.best_loss:
+            self.best = [p.detach().clone() for p in self.params]
+            self.best_loss, self.best_similarity = loss, similarity
+        self.last_similarity = similarity
+
+    def _put(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, value in zip(self.params, values):
+                p.copy_(value)
+
+    def finish(self, keep: str) -> tuple[float, bool]:
+        """Put back what the stage keeps; ``(its similarity, whether the stage was rolled back)``."""
+        if keep == "objective":
+            self._put(self.best)
+            return self.best_similarity, False
+        if not self.last_similarity < self.first_similarity:
+            self._put(self.start)
+            return self.first_similarity, True
+        return self.last_similarity, False
 
 
 def _intensity_moments(image: torch.Tensor, grid: ImageGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -194,17 +440,32 @@ def _optimize_affine(
             ]
         )
         blurred = _antialias(moving_t, moving_grid, level.spacing)
-        for _ in range(n_iter):
-            optimizer.zero_grad(set_to_none=True)
+
+        def evaluate(level=level, blurred=blurred, fixed_l=fixed_l, mask_l=mask_l) -> torch.Tensor:
             theta = _theta(moving_grid, current(), level)
             grid = F.affine_grid(theta.unsqueeze(0), (1, 1, *level.shape), align_corners=ALIGN_CORNERS)
             warped = grid_sample(blurred, grid)
-            loss = similarity_loss(opts.similarity, fixed_l, warped, mask_l, level.spacing, opts.lncc_window_mm)
+            return similarity_loss(opts.similarity, fixed_l, warped, mask_l, level.spacing, opts.lncc_window_mm)
+
+        keeper = _StageKeeper(params)
+        warm_up = _warm_up(optimizer)
+        for _ in range(n_iter):
+            optimizer.zero_grad(set_to_none=True)
+            loss = evaluate()
+            keeper.record(loss.item(), loss.item())
             loss.backward()
             optimizer.step()
+            warm_up.step()
             ticker.tick(f"affine {level.shape[::-1]}: loss {loss.item():.4f}")
-        history[f"affine_{'x'.join(map(str, level.shape[::-1]))}"] = float(loss.item())
-        history[f"time_affine_{'x'.join(map(str, level.shape[::-1]))}_s"] = time.perf_counter() - ticker.started
+        with torch.no_grad():
+            loss = evaluate().item()
+            keeper.record(loss, loss)
+        similarity, rolled_back = keeper.finish("similarity")
+        name = "x".join(map(str, level.shape[::-1]))
+        history[f"affine_{name}"] = float(similarity)
+        if rolled_back:
+            history[f"rolled_back_affine_{name}"] = 1.0
+        history[f"time_affine_{name}_s"] = time.perf_counter() - ticker.started
     return current().detach().double().cpu().numpy()
 
 
@@ -218,12 +479,15 @@ def optimize_velocity(
     weight_map: Optional[WeightMap] = None,
     learn_weight_map: bool = False,
     learning_rate_vox: Optional[float] = None,
+    keep: str = "similarity",
 ) -> torch.Tensor:
     """The SVF stage at regularization weight ``lam`` on the pyramid levels ``levels`` (indices into
     ``pair.levels``, coarse to fine), ``iterations[i]`` Adam steps on ``levels[i]`` (before
     ``iteration_scale``), starting from ``initial`` (a normalized velocity on any control grid of the
     same extent; zero when None). With ``weight_map`` the regularization is also weighted by its
     λ(x) (normalized to mean 1, :mod:`weightmap`), which is optimized along when ``learn_weight_map``.
+    ``keep`` says what each level keeps at its end (:class:`_StageKeeper`): "similarity" rolls a
+    level back when it did not lower the similarity, "objective" ends at the lowest objective.
 
     Per level the velocity lives on a control grid ``control_spacing_factor`` times coarser than
     the level, is integrated there and its displacement up-sampled to the level: the similarity
@@ -248,13 +512,13 @@ def optimize_velocity(
         if weight_map is not None and learn_weight_map:
             groups.append({"params": [weight_map.logit], "lr": weight_map.options.learning_rate})
         optimizer = torch.optim.Adam(groups)
-        for _ in range(n_iter):
-            optimizer.zero_grad(set_to_none=True)
+
+        def evaluate(level=level, control=control, v_vox=v_vox, to_norm=to_norm) -> tuple[torch.Tensor, torch.Tensor]:
             weight = level.weight
             if weight_map is not None:
-                with torch.set_grad_enabled(learn_weight_map):
+                with torch.set_grad_enabled(learn_weight_map and torch.is_grad_enabled()):
                     weight = weight * weight_map.normalized(control.shape)
-            loss, sim, reg = svf_objective(
+            loss, sim, _ = svf_objective(
                 _velocity(v_vox, opts.smoothing_sigma_vox, to_norm), control, level.fixed, level.moving, level.grid.spacing,
                 lam, weight, opts.similarity, mask=level.mask, integration_steps=opts.svf_steps,
                 jacobian_penalty=opts.jacobian_penalty, lncc_window_mm=opts.lncc_window_mm,
@@ -263,11 +527,27 @@ def optimize_velocity(
                 with torch.no_grad():
                     energy = diffusion(normalized_to_mm(_velocity(v_vox, opts.smoothing_sigma_vox, to_norm), control), control.spacing)
                 loss = loss + weight_map.penalty(energy, lam, REGULARIZATION_SCALE[opts.similarity])
+            return loss, sim
+
+        keeper = _StageKeeper([p for group in groups for p in group["params"]])
+        warm_up = _warm_up(optimizer)
+        for _ in range(n_iter):
+            optimizer.zero_grad(set_to_none=True)
+            loss, sim = evaluate()
+            keeper.record(loss.item(), sim.item())
             loss.backward()
             optimizer.step()
+            warm_up.step()
             ticker.tick(f"{label} {level.grid.shape[::-1]}: similarity {sim.item():.4f}")
-        history[f"svf_{'x'.join(map(str, level.grid.shape[::-1]))}"] = float(sim.item())
-        history[f"time_svf_{'x'.join(map(str, level.grid.shape[::-1]))}_s"] = time.perf_counter() - ticker.started
+        with torch.no_grad():
+            loss, sim = evaluate()
+            keeper.record(loss.item(), sim.item())
+        similarity, rolled_back = keeper.finish(keep)
+        name = "x".join(map(str, level.grid.shape[::-1]))
+        history[f"svf_{name}"] = float(similarity)
+        if rolled_back:
+            history[f"rolled_back_svf_{name}"] = 1.0
+        history[f"time_svf_{name}_s"] = time.perf_counter() - ticker.started
         with torch.no_grad():
             velocity_norm = _velocity(v_vox, opts.smoothing_sigma_vox, to_norm)
     return velocity_norm
@@ -451,9 +731,10 @@ class PreparedPair:
         options: validated options (iteration lists trimmed to the levels that exist).
         device: where the tensors are.
         fixed, moving: the validated (Z, Y, X) float32 images; ``fixed_grid``, ``moving_grid``.
-        lambda_map: the user's λ(x) on the fixed grid (ones without one), (Z, Y, X) float32.
+        lambda_map: the user's λ(x) on the fixed grid, (Z, Y, X) float32, or None (1 everywhere).
         affine: (4, 4) resampling affine in RAS mm found by the affine stage.
-        levels: the deformable pyramid, coarse to fine.
+        levels: the deformable pyramid, coarse to fine (a caller that is done with the coarser
+            levels may replace them by None to free them, as the λ path does).
         ticker: progress and cancel of the whole run; ``history``: stage losses and times; ``start``:
             ``time.perf_counter()`` at the start.
     """
@@ -464,9 +745,9 @@ class PreparedPair:
     fixed_grid: ImageGrid
     moving: np.ndarray
     moving_grid: ImageGrid
-    lambda_map: np.ndarray
+    lambda_map: Optional[np.ndarray]
     affine: np.ndarray
-    levels: list[PyramidLevel]
+    levels: list[Optional[PyramidLevel]]
     ticker: _Progress
     history: dict
     start: float
@@ -488,6 +769,8 @@ def prepare_pair(
     """
     start = time.perf_counter()
     opts = replace(options or RegistrationOptions()).validated()
+    device = choose_device(opts.device)
+    check_memory(fixed_grid, moving_grid, opts, device, fixed_mask=fixed_mask is not None, lambda_map=lambda_map is not None)
     fixed = validate_volume("fixed", fixed, fixed_grid)
     moving = validate_volume("moving", moving, moving_grid)
     if fixed_mask is not None:
@@ -496,22 +779,22 @@ def prepare_pair(
             raise ValueError(f"the fixed mask has shape {fixed_mask.shape} but the fixed image has {fixed_grid.shape}")
         if not (fixed_mask > 0).any():
             raise ValueError("the fixed mask is empty; it must mark at least one voxel")
-    lam_map = np.ones(fixed_grid.shape, np.float32)
+    lam_map = None  # 1 everywhere
     if lambda_map is not None:
         lam_map = np.asarray(lambda_map, dtype=np.float32)
         if lam_map.shape != fixed_grid.shape:
             raise ValueError(f"the λ map has shape {lam_map.shape} but the fixed image has {fixed_grid.shape}")
         if not np.isfinite(lam_map).all() or lam_map.min() < 0 or lam_map.max() > 1:
             raise ValueError("the λ map must hold finite values in [0, 1]")
-    device = choose_device(opts.device)
 
     moving_for_similarity = moving
     if opts.similarity == "mse" and opts.histogram_matching:
         moving_for_similarity = match_histogram(moving, fixed)
     fixed_t = torch.as_tensor(normalize_intensity(fixed), device=device)[None, None]
     moving_t = torch.as_tensor(normalize_intensity(moving_for_similarity), device=device)[None, None]
+    del moving_for_similarity
     mask_t = None if fixed_mask is None else torch.as_tensor((fixed_mask > 0).astype(np.float32), device=device)[None, None]
-    lam_t = torch.as_tensor(lam_map, device=device)[None, None]
+    lam_t = None if lam_map is None else torch.as_tensor(lam_map, device=device)[None, None]
 
     affine_levels = _level_grids(fixed_grid, opts.affine_spacings_mm) if opts.affine_model != "none" and affine is None else []
     deform_levels = _level_grids(fixed_grid, opts.deformable_spacings_mm)
@@ -559,28 +842,35 @@ def prepare_pair(
                 fixed=_to_level(fixed_t, fixed_grid, grid, identity),
                 moving=_to_level(moving_t, moving_grid, grid, _theta(moving_grid, affine_t, grid)),
                 mask=None if mask_t is None else _to_level(mask_t, fixed_grid, grid, identity, "nearest"),
-                weight=resize_field(_to_level(lam_t, fixed_grid, grid, identity), control.shape),
+                weight=resize_field(_to_level(_ones_like_grid(fixed_grid, device) if lam_t is None else lam_t,
+                                              fixed_grid, grid, identity), control.shape),
             ))
     return PreparedPair(opts, device, fixed, fixed_grid, moving, moving_grid, lam_map, affine, levels, ticker, history, start)
 
 
 def finish_registration(pair: PreparedPair, velocity: Optional[torch.Tensor], lam: float) -> RegistrationResult:
     """The full-resolution :class:`RegistrationResult` of ``velocity`` (on the last level's control
-    grid; None = the affine alone) at weight ``lam``."""
-    displacement = None
-    if velocity is not None:
-        with torch.no_grad():
-            displacement = resize_field(integrate_svf(velocity, pair.options.svf_steps), pair.fixed_grid.shape)
+    grid; None = the affine alone) at weight ``lam``.
+
+    The displacement ``A(x + u(x))`` is formed on the control grid and sampled at the fixed voxels
+    slab by slab, as the λ path does (:class:`fields.FixedGridOutputs`): beyond the outputs, the
+    memory is a slab's worth whatever the fixed image's size."""
     fixed_grid = pair.fixed_grid
-    displacement_ras = displacement_to_ras(displacement, fixed_grid, pair.affine)
-    del displacement
-    warped = resample_image(pair.moving, pair.moving_grid, fixed_grid, displacement_ras)
+    release_freed_memory()  # what the optimization freed, before the outputs are made
+    with torch.no_grad():
+        if velocity is not None:
+            u = integrate_svf(velocity, pair.options.svf_steps)
+        else:  # the affine alone: a zero displacement on the smallest grid of the fixed image's extent
+            u = torch.zeros((1, 3, 2, 2, 2), dtype=torch.float32, device=pair.device)
+    sampler = FixedGridSampler(fixed_grid, fixed_grid, pair.affine, pair.moving_grid, pair.device)
+    moving = torch.as_tensor(pair.moving, device=pair.device)[None, None]
+    outputs = FixedGridOutputs(sampler, moving, u, lam, pair.lambda_map)
     return RegistrationResult(
         fixed_grid=fixed_grid,
-        warped=warped.astype(np.float32),
-        displacement_ras=displacement_ras,
-        jacobian=jacobian_map(displacement_ras, fixed_grid),
-        lambda_map=(float(lam) * pair.lambda_map).astype(np.float32),
+        warped=outputs.warped,
+        displacement_ras=outputs.displacement_ras,
+        jacobian=outputs.jacobian,
+        lambda_map=outputs.lambda_map,
         affine_ras=pair.affine,
         velocity=None if velocity is None else velocity.detach().cpu(),
         velocity_grid=pair.levels[-1].control if velocity is not None else None,

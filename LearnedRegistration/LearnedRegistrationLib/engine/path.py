@@ -24,6 +24,10 @@ the committed measurement is ``scripts/benchmark.py``):
   about 1.4x the optimizer's time (1.50x and 1.51x in the committed benchmark, both OASIS
   directions: ``benchmarks/path/results.md``).
 
+Since then the reference knot's levels are rolled back when they do not improve the similarity
+(as the optimizer's, :mod:`optimize`), and every other knot ends at the lowest objective it saw, so
+that a knot whose warm start is already at its optimum (an image registered to itself) stays there.
+
 The alternative, HyperMorph's own objective (a velocity as a function of λ trained with λ sampled
 at every step), was not pursued: each of its steps serves one λ, while every step of the
 continuation goes to a λ that is kept.
@@ -32,7 +36,8 @@ A λ(x) map (:mod:`weightmap`, Chen et al.) can be learned with the reference kn
 every knot; the user's own λ(x) map (if any) multiplies it.
 
 :meth:`LambdaPath.predict` evaluates any λ: interpolation, scaling and squaring on the velocity's
-control grid, then one pass of :class:`fields.FixedGridSampler` for the full-resolution outputs.
+control grid, then one pass of :class:`fields.FixedGridSampler` for the full-resolution outputs
+(slab by slab: :class:`fields.FixedGridOutputs`).
 """
 
 from __future__ import annotations
@@ -46,12 +51,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .common import PATH_KNOT_ITERATIONS, CancelCallback, ProgressCallback, RegistrationOptions, RegistrationResult
-from .fields import FixedGridSampler
+from .common import (
+    DEFAULT_LAMBDA,
+    PATH_KNOT_ITERATIONS,
+    CancelCallback,
+    ProgressCallback,
+    RegistrationOptions,
+    RegistrationResult,
+    release_freed_memory,
+)
+from .fields import FixedGridOutputs, FixedGridSampler
 from .grid import ImageGrid
-from .metrics import jacobian_map
 from .optimize import optimize_velocity, prepare_pair, seeded
-from .transforms import grid_sample, integrate_svf
+from .transforms import integrate_svf
 from .weightmap import WeightMap, WeightMapOptions
 
 #: Default λ knots: the evaluation range 0.05 ... 0.9, denser where the solution changes fastest.
@@ -199,64 +211,22 @@ class LambdaPath:
         return path
 
 
-class PathEvaluation:
-    """A λ path at one λ; the outputs are computed on first access (all on the fixed grid).
+class PathEvaluation(FixedGridOutputs):
+    """A λ path at one λ; the outputs are computed on first access, slab by slab (all on the fixed
+    grid; :class:`fields.FixedGridOutputs`).
 
     ``warped`` needs the scaling and squaring, the moving positions at the fixed voxels and one
     trilinear sampling of the moving image; ``displacement_ras``, ``jacobian`` and ``lambda_map``
-    add the rest, and :meth:`result` gathers everything.
+    (λ · the user's λ(x) · the learned λ(x) / its mean) add the rest, and :meth:`result` gathers
+    everything.
     """
 
     def __init__(self, path: LambdaPath, lam: float) -> None:
-        self.path, self.lam = path, lam
+        self.path = path
         self.started = time.perf_counter()
         with torch.no_grad():
             displacement = integrate_svf(path.velocity(lam), path.svf_steps)
-            self._coarse = path._sampler.coarse_fields(displacement, path.learned_map)
-        self._warped: Optional[np.ndarray] = None
-        self._displacement: Optional[np.ndarray] = None
-        self._jacobian: Optional[np.ndarray] = None
-        self._lambda_map: Optional[np.ndarray] = None
-
-    @property
-    def warped(self) -> np.ndarray:
-        """(Z, Y, X) float32 moving image resampled at ``A(x + u(x))``."""
-        if self._warped is None:
-            with torch.no_grad():
-                positions = self.path._sampler.to_fixed(self._coarse[:, 3:6].contiguous())[0]
-                points = positions.permute(1, 2, 3, 0).contiguous().unsqueeze(0)
-                self._warped = grid_sample(self.path._moving, points, "linear", padding_mode="zeros")[0, 0].cpu().numpy()
-        return self._warped
-
-    @property
-    def displacement_ras(self) -> np.ndarray:
-        """(Z, Y, X, 3) float32 RAS mm resampling displacement."""
-        if self._displacement is None:
-            with torch.no_grad():
-                channels = [0, 1, 2, *range(6, self._coarse.shape[1])]  # RAS displacement, then λ(x)
-                sampled = self.path._sampler.to_fixed(self._coarse[:, channels].contiguous())[0]
-            self._displacement = sampled[:3].permute(1, 2, 3, 0).contiguous().cpu().numpy()
-            lam, user = self.lam, self.path.user_lambda_map
-            # the regularization weight used at each voxel: λ · user's λ(x) · learned λ(x) / mode
-            lambda_map = np.full(self.path.fixed_grid.shape, lam, np.float32) if user is None else lam * user
-            if sampled.shape[0] > 3:
-                lambda_map = lambda_map * sampled[3].cpu().numpy()
-            self._lambda_map = lambda_map.astype(np.float32, copy=False)
-        return self._displacement
-
-    @property
-    def lambda_map(self) -> np.ndarray:
-        """(Z, Y, X) float32 regularization weight used at each voxel (sampled with the displacement)."""
-        if self._lambda_map is None:
-            _ = self.displacement_ras
-        return self._lambda_map
-
-    @property
-    def jacobian(self) -> np.ndarray:
-        """(Z, Y, X) float32 Jacobian determinant of ``x -> x + d(x)``."""
-        if self._jacobian is None:
-            self._jacobian = jacobian_map(self.displacement_ras, self.path.fixed_grid)
-        return self._jacobian
+        super().__init__(path._sampler, path._moving, displacement, lam, path.user_lambda_map, path.learned_map)
 
     def result(self) -> RegistrationResult:
         """Everything, as the engine's :class:`RegistrationResult`."""
@@ -308,7 +278,8 @@ def register_path(
         fixed, fixed_grid, moving, moving_grid, fixed_mask, lambda_map, progress, cancel: as
             :func:`optimize.register_images`.
         options: the optimizer's settings; ``regularization_weight`` is the reference knot's λ
-            (added to the knots when it is not one of them).
+            (added to the knots when it is not one of them; :data:`common.DEFAULT_LAMBDA` when it is
+            0 or 1, which :meth:`LambdaPath.predict` then evaluates like any other λ).
         path: :class:`PathOptions`.
         start: the starting point: ``start(λ, grid)`` gives a (1, 3, z, y, x) normalized velocity
             on ``grid`` (the finest control grid) for a knot λ, e.g. a network's prediction (its
@@ -333,8 +304,8 @@ def _register_path(fixed, fixed_grid, moving, moving_grid, options, path, fixed_
                    affine) -> LambdaPath:
     """:func:`register_path` after seeding (same arguments, validated)."""
     reference = float(options.regularization_weight)
-    if not 0.0 < reference < 1.0:
-        raise ValueError(f"the λ path's reference λ must be in (0, 1), got {reference}")
+    if not 0.0 < reference < 1.0:  # λ = 0 or 1 (no knot can sit there): the path around the default λ
+        reference = DEFAULT_LAMBDA
     knots = sorted({*(float(k) for k in path.knots), reference})
     ref_index = knots.index(reference)
     steps = [path.knot_iterations] * (len(knots) - ref_index - 1) + [max(1, path.knot_iterations // 2)] * ref_index
@@ -349,6 +320,8 @@ def _register_path(fixed, fixed_grid, moving, moving_grid, options, path, fixed_
     velocities: list = [None] * len(knots)
     velocities[ref_index] = optimize_velocity(pair, reference, range(len(pair.levels)), pair.options.deformable_iterations,
                                               starts[ref_index], weight_map=weights, learn_weight_map=True)
+    # the other knots use the finest level only: let the coarser ones go
+    pair.levels[:finest] = [None] * finest
     # Continuation: towards larger λ from the reference, then towards smaller λ.
     for index in [*range(ref_index + 1, len(knots)), *range(ref_index - 1, -1, -1)]:
         above = index > ref_index
@@ -359,14 +332,15 @@ def _register_path(fixed, fixed_grid, moving, moving_grid, options, path, fixed_
         steps = path.knot_iterations if above else max(1, path.knot_iterations // 2)
         velocities[index] = optimize_velocity(pair, knots[index], [finest], [steps], initial,
                                               f"λ = {knots[index]:g}", weight_map=weights,
-                                              learning_rate_vox=path.knot_learning_rate_vox)
+                                              learning_rate_vox=path.knot_learning_rate_vox, keep="objective")
     learned = None
     if weights is not None:
         with torch.no_grad():
             learned = weights.normalized(control.shape)
     result = LambdaPath(knots, velocities, control, fixed_grid, pair.moving, moving_grid, pair.affine, learned,
-                        None if lambda_map is None else pair.lambda_map, pair.options.svf_steps, pair.options.similarity,
-                        pair.device)
+                        pair.lambda_map, pair.options.svf_steps, pair.options.similarity, pair.device)
     result.history = {k: v for k, v in pair.history.items() if isinstance(v, float)}
     result.history["time_path_s"] = time.perf_counter() - pair.start
+    del pair
+    release_freed_memory()  # what the optimization freed, before the outputs are made
     return result

@@ -11,6 +11,11 @@ Frames (see :mod:`grid`):
   ``align_corners=True`` it is independent of the resolution it is sampled at.
 - A **RAS displacement** ``(Z, Y, X, 3)`` (numpy) is in RAS mm on a fixed grid, resampling
   convention: the moving point for fixed point ``x`` is ``x + d(x)``.
+
+Full-resolution passes (:func:`displacement_to_ras`, :func:`resample_image`, and the fixed-grid
+sampling of :mod:`fields`) run in slabs along the slowest axis Z (:func:`common.z_slabs`): each slab's
+sampling positions and temporaries are a few tens of MB whatever the volume, so a 512 x 512 x 400
+CT costs its outputs and little more (one float64 world-point grid of it alone is 2.5 GB).
 """
 
 from __future__ import annotations
@@ -22,9 +27,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common import z_slabs
 from .grid import ALIGN_CORNERS, ImageGrid
 
 _GRID_SAMPLE_MODES = {"linear": "bilinear", "nearest": "nearest"}
+
+def slab_theta(theta: np.ndarray, depth: int, rows: tuple[int, int]) -> np.ndarray:
+    """The (3, 4) ``affine_grid`` matrix of target rows ``[z0, z1)`` of a grid ``depth`` slices deep.
+
+    ``theta`` maps the whole target's normalized coordinates to the source's; the result does the
+    same for an ``affine_grid`` of shape (z1 - z0, Y, X), whose own normalized z runs over [-1, 1]
+    (0 for a single slice), so that slab by slab the positions are those of the whole grid.
+    """
+    z0, z1 = int(rows[0]), int(rows[1])
+    if not 0 <= z0 < z1 <= depth:
+        raise ValueError(f"slab_theta() rows must satisfy 0 <= z0 < z1 <= {depth}, got {rows}")
+    out = np.array(theta, dtype=np.float64, copy=True)
+    if depth > 1:
+        # normalized z of row k of the whole grid: -1 + 2k / (depth - 1), an affine function of the slab's own z
+        scale, offset = (z1 - 1 - z0) / (depth - 1), (z0 + z1 - 1) / (depth - 1) - 1.0
+        out[:, 3] += out[:, 2] * offset
+        out[:, 2] *= scale
+    return out
 
 
 # --------------------------------------------------------------------------------- warping
@@ -41,15 +65,15 @@ def grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "linear", p
         (N, C, Z', Y', X').
 
     torch's CPU kernel parallelizes over the batch only, so a single volume runs on one core; the
-    grid is cut into one slab per thread along Z and sampled as a batch (1.6x faster on 2 cores,
-    identical values and gradients).
+    grid is cut into one slab per thread along Z (at least 4 slices each) and sampled as a batch
+    (1.6x faster on 2 cores, identical values and gradients).
     """
     if mode not in _GRID_SAMPLE_MODES:
         raise ValueError(f"grid_sample() mode must be one of {sorted(_GRID_SAMPLE_MODES)}, got {mode!r}")
     kwargs = dict(mode=_GRID_SAMPLE_MODES[mode], padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
-    slabs = torch.get_num_threads()
     depth = grid.shape[1]
-    if image.device.type != "cpu" or grid.shape[0] != 1 or slabs < 2 or depth < 4 * slabs:
+    slabs = min(torch.get_num_threads(), depth // 4)
+    if image.device.type != "cpu" or grid.shape[0] != 1 or slabs < 2:
         return F.grid_sample(image, grid, **kwargs)
     slab = -(-depth // slabs)
     pad = slab * slabs - depth
@@ -184,6 +208,7 @@ def sampling_grid(
     displacement: Optional[torch.Tensor] = None,
     device=None,
     dtype=torch.float32,
+    rows: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Where to sample the source image for every target voxel: ``source(A(p + u(p)))``.
 
@@ -191,18 +216,26 @@ def sampling_grid(
         target_grid: output grid (fixed).
         source_grid: grid of the sampled (moving) image.
         affine_ras: (4, 4) resampling affine in RAS mm; identity when None.
-        displacement: optional (1, 3, Z, Y, X) normalized displacement on ``target_grid``.
+        displacement: optional (1, 3, Z, Y, X) normalized displacement on ``target_grid`` (on its
+            rows ``[z0, z1)`` only, (1, 3, z1 - z0, Y, X), with ``rows``).
+        rows: optional ``(z0, z1)``: only the target slices z0 <= z < z1 (a slab, :func:`common.z_slabs`).
 
     Returns:
-        (1, Z, Y, X, 3) coordinates in the source grid's normalized frame, for ``grid_sample``.
+        (1, Z, Y, X, 3) coordinates in the source grid's normalized frame, for ``grid_sample``
+        ((1, z1 - z0, Y, X, 3) with ``rows``).
     """
     affine = np.eye(4) if affine_ras is None else np.asarray(affine_ras, dtype=np.float64)
-    theta = torch.as_tensor(affine_theta(affine, target_grid, source_grid), dtype=dtype, device=device)
-    grid = F.affine_grid(theta.unsqueeze(0), (1, 1, *target_grid.shape), align_corners=ALIGN_CORNERS)
+    theta = affine_theta(affine, target_grid, source_grid)
+    shape = tuple(target_grid.shape)
+    if rows is not None:
+        theta = slab_theta(theta, shape[0], rows)
+        shape = (int(rows[1]) - int(rows[0]), *shape[1:])
+    theta = torch.as_tensor(theta, dtype=dtype, device=device)
+    grid = F.affine_grid(theta.unsqueeze(0), (1, 1, *shape), align_corners=ALIGN_CORNERS)
     if displacement is not None:
-        if tuple(displacement.shape[2:]) != tuple(target_grid.shape):
+        if tuple(displacement.shape[2:]) != shape:
             raise ValueError(
-                f"sampling_grid() 'displacement' must be on the target grid {target_grid.shape}, got {tuple(displacement.shape)}"
+                f"sampling_grid() 'displacement' must be on the target grid {shape}, got {tuple(displacement.shape)}"
             )
         # theta's linear part maps target-normalized vectors into source-normalized vectors.
         grid = grid + torch.einsum("ij,nzyxj->nzyxi", theta[:, :3], displacement.permute(0, 2, 3, 4, 1))
@@ -260,17 +293,31 @@ class AxisAlignedResampler:
             matrices.append(torch.as_tensor(m, device=device))
         return cls(axes, matrices, target_grid.shape)
 
-    def __call__(self, field: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    def __call__(self, field: torch.Tensor, channels_last: bool = False, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """(N, C, z, y, x) on the source grid -> (N, C, Z, Y, X) on the target grid, or
-        (N, Z, Y, X, C) with ``channels_last`` (e.g. a vector field for ``grid_sample``), contiguous."""
+        (N, Z, Y, X, C) with ``channels_last`` (e.g. a vector field for ``grid_sample``), contiguous.
+
+        With ``rows = (z0, z1)`` only the target slices z0 <= Z < z1 are computed (a slab of
+        :func:`common.z_slabs`): (N, C, z1 - z0, Y, X), the same values as those rows of the whole."""
         if field.dim() != 5:
             raise ValueError(f"AxisAlignedResampler needs an (N, C, z, y, x) field, got {tuple(field.shape)}")
         n, channels = field.shape[:2]
         out = field.reshape(n * channels, *field.shape[2:])
+        matrices = list(self.matrices)
         # Each pass is a matrix product along one axis; the source axis with the fewest voxels goes
         # last, because the last pass writes the whole target (cost: target size x source length).
-        for c in sorted(range(3), key=lambda k: -self.matrices[k].shape[1]):
-            m = self.matrices[c].to(out.dtype)
+        order = sorted(range(3), key=lambda k: -matrices[k].shape[1])
+        if rows is not None:
+            # the source axis along the target's Z: only the slab's rows of its matrix, and first,
+            # so that the other passes write the slab only
+            z0, z1 = int(rows[0]), int(rows[1])
+            if not 0 <= z0 < z1 <= self.target_shape[0]:
+                raise ValueError(f"AxisAlignedResampler rows must satisfy 0 <= z0 < z1 <= {self.target_shape[0]}, got {rows}")
+            along_z = self.axes.index(2)
+            matrices[along_z] = matrices[along_z][z0:z1]
+            order = [along_z, *(c for c in order if c != along_z)]
+        for c in order:
+            m = matrices[c].to(out.dtype)
             b, z, y, x = out.shape
             if c == 0:  # x: the last dimension
                 out = (out.reshape(-1, x) @ m.T).view(b, z, y, -1)
@@ -299,19 +346,30 @@ def displacement_to_ras(
 
     Returns:
         (Z, Y, X, 3) float32 numpy array, RAS mm: the moving point for fixed point ``x`` is ``x + d(x)``.
+
+    Raises:
+        ValueError: a displacement that is not (1, 3, Z, Y, X) on ``grid``.
     """
     affine = np.eye(4) if affine_ras is None else np.asarray(affine_ras, dtype=np.float64)
+    if displacement is not None and tuple(displacement.shape) != (1, 3, *grid.shape):
+        raise ValueError(f"displacement_to_ras() 'displacement' must have shape {(1, 3, *grid.shape)}, got {tuple(displacement.shape)}")
     dtype = torch.float64
-    # p (RAS) from the identity grid, in float64 to keep sub-micron accuracy on large grids.
-    theta = torch.as_tensor(grid.normalized_to_ras[:3], dtype=dtype)
-    points = F.affine_grid(theta.unsqueeze(0), (1, 1, *grid.shape), align_corners=ALIGN_CORNERS)[0]
-    moved = points
-    if displacement is not None:
-        u_mm = normalized_to_mm(displacement.detach().to("cpu", dtype), grid)[0].permute(1, 2, 3, 0)
-        moved = points + u_mm @ torch.as_tensor(grid.direction.T, dtype=dtype)
+    # p (RAS) from the identity grid, in float64 to keep sub-micron accuracy on large grids; slab by
+    # slab (the whole grid in float64 would be 24 bytes a voxel, 2.5 GB for a 512 x 512 x 400 CT).
+    theta = grid.normalized_to_ras[:3]
     a = torch.as_tensor(affine, dtype=dtype)
-    moved = moved @ a[:3, :3].T + a[:3, 3]
-    return (moved - points).to(torch.float32).numpy()
+    to_ras = torch.as_tensor(grid.direction.T, dtype=dtype)
+    out = np.empty((*grid.shape, 3), dtype=np.float32)
+    for z0, z1 in z_slabs(grid.shape):
+        rows = torch.as_tensor(slab_theta(theta, grid.shape[0], (z0, z1)), dtype=dtype).unsqueeze(0)
+        points = F.affine_grid(rows, (1, 1, z1 - z0, *grid.shape[1:]), align_corners=ALIGN_CORNERS)[0]
+        moved = points
+        if displacement is not None:
+            u_mm = normalized_to_mm(displacement[:, :, z0:z1].detach().to("cpu", dtype), grid)[0].permute(1, 2, 3, 0)
+            moved = points + u_mm @ to_ras
+        moved = moved @ a[:3, :3].T + a[:3, 3]
+        out[z0:z1] = (moved - points).to(torch.float32).numpy()
+    return out
 
 
 def ras_displacement_to_mm_ijk(displacement_ras: np.ndarray, grid: ImageGrid) -> torch.Tensor:
@@ -344,26 +402,44 @@ def resample_image(
 
     Returns:
         (Z, Y, X) float32 array on ``target_grid`` (labels come back as exact float values).
+
+    The output is computed in slabs along Z (:func:`common.z_slabs`): beyond the output, the memory is
+    one float32 copy of ``image`` (none for a float32 image with ``default_value`` 0) and a slab's
+    sampling positions.
+
+    Raises:
+        ValueError: an unknown mode, or an image or displacement whose shape does not match its grid.
     """
     if mode not in _GRID_SAMPLE_MODES:
         raise ValueError(f"resample_image() mode must be one of {sorted(_GRID_SAMPLE_MODES)}, got {mode!r}")
     image = np.asarray(image)
     if image.shape != image_grid.shape:
         raise ValueError(f"resample_image() 'image' shape {image.shape} does not match its grid {image_grid.shape}")
-    src = torch.as_tensor(image.astype(np.float32) - default_value)[None, None]
-    grid = sampling_grid(target_grid, image_grid, affine_ras if displacement_ras is None else None)
+    d = None
     if displacement_ras is not None:
         d = np.asarray(displacement_ras, dtype=np.float32)
         if d.shape != (*target_grid.shape, 3):
             raise ValueError(
                 f"resample_image() 'displacement_ras' must have shape {(*target_grid.shape, 3)}, got {d.shape}"
             )
-        # RAS mm vectors -> source normalized vectors: linear part of ras_to_normalized.
-        lin = torch.as_tensor(image_grid.ras_to_normalized[:3, :3], dtype=torch.float32)
-        grid = grid + torch.as_tensor(d) @ lin.T
+    src = np.ascontiguousarray(image, dtype=np.float32)
+    if default_value != 0:
+        src = src - np.float32(default_value)
+    src = torch.as_tensor(src)[None, None]
+    # RAS mm vectors -> source normalized vectors: linear part of ras_to_normalized.
+    lin = torch.as_tensor(image_grid.ras_to_normalized[:3, :3], dtype=torch.float32)
+    affine = affine_ras if displacement_ras is None else None
+    out = np.empty(target_grid.shape, dtype=np.float32)
     with torch.no_grad():
-        out = grid_sample(src, grid, mode)
-    return (out[0, 0] + default_value).numpy()
+        for z0, z1 in z_slabs(target_grid.shape):
+            grid = sampling_grid(target_grid, image_grid, affine, rows=(z0, z1))
+            if d is not None:
+                grid = grid + torch.as_tensor(d[z0:z1]) @ lin.T
+            slab = grid_sample(src, grid, mode)[0, 0]
+            if default_value != 0:
+                slab = slab + default_value
+            out[z0:z1] = slab.numpy()
+    return out
 
 
 # --------------------------------------------------------------------------------- affine

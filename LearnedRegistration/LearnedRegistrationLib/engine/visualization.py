@@ -1,9 +1,14 @@
-"""Volumes for looking at a registration: checkerboard and difference of fixed vs warped."""
+"""Volumes for looking at a registration: checkerboard and difference of fixed vs warped.
+
+Each is one new float32 volume on the fixed grid; the checkerboard is filled slab by slab along Z
+(:func:`common.z_slabs`), so no whole-volume temporaries are made.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from .common import z_slabs
 from .grid import ImageGrid
 
 
@@ -22,12 +27,18 @@ def sampled_percentiles(image: np.ndarray, q, samples: int = 250_000, absolute: 
     return np.percentile(finite, q) if finite.size else None
 
 
-def _rescaled(image: np.ndarray) -> np.ndarray:
-    """Robust min-max to [0, 1] (1st-99th percentile) so two images of different range can interleave."""
+def _rescaling(image: np.ndarray):
+    """``rescale(values)``: robust min-max to [0, 1] (1st-99th percentile of ``image``), so that two
+    images of different range can interleave; returns a new float32 array."""
     lo, hi = sampled_percentiles(image, [1, 99])
-    out = np.subtract(image, lo, dtype=np.float32)
-    out *= np.float32(1.0 / max(hi - lo, 1e-6))
-    return np.clip(out, 0.0, 1.0, out=out)
+    scale = np.float32(1.0 / max(hi - lo, 1e-6))
+
+    def rescale(values: np.ndarray) -> np.ndarray:
+        out = np.subtract(values, lo, dtype=np.float32)
+        out *= scale
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    return rescale
 
 
 def checkerboard(fixed: np.ndarray, warped: np.ndarray, grid: ImageGrid, square_mm: float = 20.0) -> np.ndarray:
@@ -45,9 +56,13 @@ def checkerboard(fixed: np.ndarray, warped: np.ndarray, grid: ImageGrid, square_
         raise ValueError(f"checkerboard() square_mm must be positive, got {square_mm}")
     # odd square index along an axis flips the colour: XOR of three 1-D parities, broadcast
     odd = [(np.arange(n) * s // square_mm).astype(np.int64) % 2 == 1 for n, s in zip(grid.shape, grid.spacing[::-1])]
-    warped_here = odd[0][:, None, None] ^ odd[1][None, :, None] ^ odd[2][None, None, :]
-    board = _rescaled(fixed)
-    np.copyto(board, _rescaled(warped), where=warped_here)
+    in_plane = odd[1][:, None] ^ odd[2][None, :]
+    rescale_fixed, rescale_warped = _rescaling(fixed), _rescaling(warped)
+    board = np.empty(grid.shape, dtype=np.float32)
+    for z0, z1 in z_slabs(grid.shape):
+        warped_here = odd[0][z0:z1, None, None] ^ in_plane[None]
+        board[z0:z1] = rescale_fixed(fixed[z0:z1])
+        np.copyto(board[z0:z1], rescale_warped(warped[z0:z1]), where=warped_here)
     return board
 
 
@@ -55,4 +70,4 @@ def difference(fixed: np.ndarray, warped: np.ndarray) -> np.ndarray:
     """Signed difference ``warped - fixed`` in the images' intensity units, (Z, Y, X) float32."""
     if fixed.shape != warped.shape:
         raise ValueError(f"difference() needs images of one shape, got {fixed.shape} and {warped.shape}")
-    return (np.asarray(warped, dtype=np.float32) - np.asarray(fixed, dtype=np.float32)).astype(np.float32)
+    return np.subtract(warped, fixed, dtype=np.float32)
