@@ -62,7 +62,7 @@ from .fields import FixedGridOutputs, FixedGridSampler
 from .filters import box_mean, gaussian_blur
 from .grid import ALIGN_CORNERS, ImageGrid, mm_per_normalized_unit
 from .regularization import diffusion, negative_jacobian_penalty, weighted_diffusion
-from .similarity import similarity_loss
+from .similarity import REGULARIZATION_SCALE, similarity_loss
 from .transforms import (
     affine_matrix,
     grid_sample,
@@ -74,13 +74,6 @@ from .transforms import (
     warp,
 )
 from .weightmap import WeightMap
-
-#: κ: per-similarity scale of the regularization term, so that one λ means about the same
-#: smoothness whichever similarity is chosen (the losses have different ranges). Calibrated on the
-#: OASIS pair (scripts/benchmark.py, its λ sweep): with MSE on [0, 1]-normalized intensities the default
-#: λ = 0.25 gives Dice 0.75 with < 0.01 % folding; the ratio of the two terms, λκ / (1 - λ), runs
-#: from 0 (λ = 0) through 0.004 (default) to 0.1 (λ = 0.9) and infinity (λ = 1, no deformation).
-REGULARIZATION_SCALE = {"mse": 0.0122, "lncc": 0.3, "ncc": 0.3, "ngf": 0.3, "mi": 0.3}
 
 
 def _level_grids(grid: ImageGrid, spacings_mm: Sequence[float]) -> list[ImageGrid]:

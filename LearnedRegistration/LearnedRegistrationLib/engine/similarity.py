@@ -15,6 +15,13 @@ import torch
 from .common import SIMILARITIES
 from .filters import box_mean, spatial_gradient
 
+#: κ: per-similarity scale of the regularization term, so that one λ means about the same
+#: smoothness whichever similarity is chosen (the losses have different ranges). Calibrated on the
+#: OASIS pair (scripts/benchmark.py, its λ sweep): with MSE on [0, 1]-normalized intensities the default
+#: λ = 0.25 gives Dice 0.75 with < 0.01 % folding; the ratio of the two terms, λκ / (1 - λ), runs
+#: from 0 (λ = 0) through 0.004 (default) to 0.1 (λ = 0.9) and infinity (λ = 1, no deformation).
+REGULARIZATION_SCALE = {"mse": 0.0122, "lncc": 0.3, "ncc": 0.3, "ngf": 0.3, "mi": 0.3}
+
 
 def _check_pair(name: str, fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
     if fixed.dim() != 5 or fixed.shape[1] != 1:
