@@ -388,3 +388,31 @@ def test_write_outputs_rejects_an_output_node_of_the_wrong_class(slicer_app):
             fake_request(scene, grid), fake_computation(grid), RegistrationOutputNodes(warpedVolumeNode=label_node)
         )
     assert scene_node_ids(scene) == ids_before
+
+
+def test_outputs_and_inputs_are_not_copied_twice(slicer_app):
+    """Memory on clinical-size volumes (issue 16): the grid transform shares the displacement vector
+    volume's voxels, and the logic reads float32 inputs as read-only views of their nodes."""
+    scene = slicer_app.scene
+    grid = oblique_grid()
+    logic = RegistrationLogic()
+    outputs = logic.writeOutputs(fake_request(scene, grid), fake_computation(grid, 0.0))
+    displacement_grid = outputs.transformNode.GetTransformFromParent().GetDisplacementGrid()
+    vectors = numpy_support.vtk_to_numpy(displacement_grid.GetPointData().GetScalars())
+    assert np.shares_memory(vectors, vector_voxels(outputs.displacementVolumeNode))
+
+    node = mrml.updateVolumeNodeFromArray(scene, smooth_image(grid), grid, name="input")
+    view, _ = mrml.arrayFromVolumeNode(node, copy=False)
+    scalars = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
+    assert np.shares_memory(view, scalars) and not view.flags.writeable
+    copied, _ = mrml.arrayFromVolumeNode(node)
+    assert not np.shares_memory(copied, scalars) and copied.flags.writeable
+    # a label map stored as integers is converted (a copy) whatever copy says
+    labels = mrml.updateVolumeNodeFromArray(scene, (smooth_image(grid) > 110).astype(np.int32), grid, name="labels",
+                                            className="vtkMRMLLabelMapVolumeNode")
+    converted, _ = mrml.arrayFromVolumeNode(labels, copy=False)
+    assert converted.dtype == np.float32 and converted.flags.writeable
+    # the default (copy) keeps a transform of its own
+    own = mrml.updateGridTransformNode(scene, smooth_field(grid), grid, name="own")
+    own_vectors = numpy_support.vtk_to_numpy(own.GetTransformFromParent().GetDisplacementGrid().GetPointData().GetScalars())
+    assert not np.shares_memory(own_vectors, vectors)

@@ -208,8 +208,9 @@ class RegistrationLogic:
             ("lambdaMapNode", lambdaMapNode),
         ):
             _checkNodeArgument(argument, node)
-        fixed, fixedGrid = mrml.arrayFromVolumeNode(fixedVolumeNode)
-        moving, movingGrid = mrml.arrayFromVolumeNode(movingVolumeNode)
+        # read-only views where the voxels are float32 already: the engine never writes its inputs
+        fixed, fixedGrid = mrml.arrayFromVolumeNode(fixedVolumeNode, copy=False)
+        moving, movingGrid = mrml.arrayFromVolumeNode(movingVolumeNode, copy=False)
         fixedName, movingName = fixedVolumeNode.GetName(), movingVolumeNode.GetName()
 
         options = RegistrationOptions(
@@ -459,8 +460,8 @@ class RegistrationLogic:
                 scene, result.displacement_ras, grid, node, f"{base} displacement", copy=False
             )
             node = transaction.prepare(given.transformNode)
-            outputs.transformNode = mrml.updateGridTransformNode(
-                scene, result.displacement_ras, grid, node, f"{base} transform"
+            outputs.transformNode = mrml.updateGridTransformNode(  # shares the vector volume's voxels
+                scene, result.displacement_ras, grid, node, f"{base} transform", copy=False
             )
 
             node = volume("checkerboardVolumeNode", computed.checkerboard, f"{base} checkerboard")
