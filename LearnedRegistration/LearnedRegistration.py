@@ -45,7 +45,7 @@ from slicer.util import VTKObservationMixin
 # module loads without torch and can offer to install PyTorch.
 from LearnedRegistrationLib.bridge import jobs
 from LearnedRegistrationLib.bridge import logic as registrationLogic
-from LearnedRegistrationLib.bridge.compute import DEFAULT_SPATIALLY_VARYING, computeSweep
+from LearnedRegistrationLib.bridge.compute import DEFAULT_SPATIALLY_VARYING, computeSweep, qualityWarning
 from LearnedRegistrationLib.bridge.tasks import LatestRequestDebouncer, TaskState
 from LearnedRegistrationLib.engine.common import DEFAULT_LAMBDA, RegistrationCancelled
 from LearnedRegistrationLib.engine.metric_table import EVALUATION_KEYS, SWEEP_KEYS, metric
@@ -175,6 +175,7 @@ class Similarity(enum.Enum):
     NCC = "ncc"
     NGF = "ngf"
     MI = "mi"
+    MIND = "mind"
 
     def label(self) -> str:
         """Text shown in the similarity combo box."""
@@ -184,6 +185,7 @@ class Similarity(enum.Enum):
             Similarity.NCC: _("Normalized cross-correlation (global)"),
             Similarity.NGF: _("Normalized gradient fields"),
             Similarity.MI: _("Mutual information"),
+            Similarity.MIND: _("MIND-SSC (modality independent)"),
         }[self]
 
 
@@ -698,6 +700,9 @@ class LearnedRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             parts.append(_("TRE {value:.2f} mm").format(value=metrics["tre_mean_mm"]))
         if metrics.get("folding_percent") is not None:
             parts.append(_("{value:.3f} % folding").format(value=metrics["folding_percent"]))
+        warning = qualityWarning(metrics)
+        if warning:
+            parts.append(_("WARNING: {warning}").format(warning=warning))
         return ", ".join(parts) + "."
 
     def _updateMetricsTable(self, metrics: dict) -> None:

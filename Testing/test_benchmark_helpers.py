@@ -103,7 +103,7 @@ def test_plan_and_network_rows():
     assert sorted(j["lambda"] for j in oasis if j["method"] == "ours") == [0.1, 0.25]
     cardiac = [j for j in jobs if j["pair"] == "multimodal_cardiac"]
     assert "demons" not in {j["method"] for j in cardiac}
-    assert {j["similarity"] for j in cardiac if j["method"] == "ours"} == {"mi", "ngf"}
+    assert {j["similarity"] for j in cardiac if j["method"] == "ours"} == {"mind", "mi", "ngf"}
     assert "path_sv" not in {j["method"] for j in cardiac}  # uniform against learned λ(x): OASIS only
     with_network = benchmark.plan(["oasis_l2r_to_vxm"], (0.25,), True, flags)
     assert {"network", "network+adapt"} <= {j["method"] for j in with_network}

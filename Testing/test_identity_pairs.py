@@ -45,7 +45,7 @@ def largest_displacements(image, grid, moving_grid, similarity: str, expected=(0
     return out
 
 
-@pytest.mark.parametrize("similarity", ["mse", "lncc", "ncc", "ngf"])
+@pytest.mark.parametrize("similarity", ["mse", "lncc", "ncc", "ngf", "mind"])
 def test_an_image_registered_to_itself_stays_put(brain, similarity):
     image, grid = brain
     found = largest_displacements(image, grid, grid, similarity)
@@ -87,7 +87,7 @@ def test_a_translated_copy_gives_the_translation_and_no_deformation(brain):
         assert found[key] < 0.2, f"max |d - t| {found[key]:.3f} mm at λ = {key}"
 
 
-@pytest.mark.parametrize("similarity", ["mse", "lncc", "ncc", "ngf", "mi"])
+@pytest.mark.parametrize("similarity", ["mse", "lncc", "ncc", "ngf", "mi", "mind"])
 def test_a_translation_within_the_grid_is_recovered_with_no_deformation(brain, similarity):
     """The head moved by whole voxels (5, -10, 5) mm within a grid padded with 3 empty voxels, so that
     it stays inside: the affine's translation is the shift within 0.2 mm, its deformable part adds

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..bridge.compute import DEFAULT_SPATIALLY_VARYING, METHODS
-from ..engine.common import SIMILARITIES, RegistrationCancelled
+from ..engine.common import SIMILARITIES, SITUATION_SIMILARITIES, RegistrationCancelled, resolve_similarity
 from ..engine.metric_table import SWEEP_KEYS, summary
 from .outputs import (
     METRICS_FILE,
@@ -184,8 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="regularization weight λ in [0, 1] (0: similarity only, 1: no deformation; default: the engine's)",
     )
     register.add_argument(
-        "--similarity", default=None, choices=list(SIMILARITIES),
-        help="similarity measure: mse (default; same contrast), lncc (same modality), ncc, ngf or mi (multi-modal)",
+        "--similarity", default="same-modality", choices=[*SITUATION_SIMILARITIES, *SIMILARITIES],
+        help="similarity measure, or the situation to pick it for: same-modality (default; "
+        f"{SITUATION_SIMILARITIES['same-modality']}) or multimodal ({SITUATION_SIMILARITIES['multimodal']}), chosen on "
+        "the benchmark's pairs; say which, the images alone do not tell it reliably. Measures: mse (same contrast), "
+        "lncc (same modality, varying contrast), ncc, ngf, mi or mind (MIND-SSC; multi-modal). The log and "
+        "metrics.json name the measure used",
     )
     register.add_argument(
         "--method", default=None, choices=list(METHODS),
@@ -553,7 +557,7 @@ def run_register(args) -> dict:
                 nodes, demo, truth_node = _demo_inputs(slicer_app, args)
             logic = RegistrationLogic()
             options = dict(
-                similarity=args.similarity,
+                similarity=resolve_similarity(args.similarity),
                 device=args.device,
                 iterationScale=args.iteration_scale,
                 workingSpacingMm=args.working_spacing,
@@ -625,7 +629,16 @@ def _silence_native_stderr_at_exit() -> None:
 
 
 def _summary(metrics: dict) -> str:
-    return ", ".join(part for part in (metrics.get("method"), summary(metrics)) if part)
+    """The one-line summary: method, metrics, the similarity before -> after, and a warning when the
+    result is not better than the start (:func:`bridge.compute.qualityWarning`)."""
+    from ..bridge.compute import qualityWarning
+
+    similarity = None
+    if metrics.get("similarity_before") is not None and metrics.get("similarity_after") is not None:
+        similarity = f"similarity {metrics['similarity_before']:.4g} -> {metrics['similarity_after']:.4g}"
+    line = ", ".join(part for part in (metrics.get("method"), summary(metrics), similarity) if part)
+    warning = qualityWarning(metrics)
+    return f"{line}; WARNING: {warning}" if warning else line
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -666,6 +679,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(error, OutputWriteError) and not args.verbose:
             _silence_native_stderr_at_exit()
         return EXIT_USER_ERROR
+    if args.verbose and metrics.get("rolled_back_stages"):
+        print(f"learnedreg: rolled back (no better than their start): {', '.join(metrics['rolled_back_stages'])}")
     print(f"learnedreg: wrote {Path(args.output_dir)} ({_summary(metrics)})")
     return 0
 

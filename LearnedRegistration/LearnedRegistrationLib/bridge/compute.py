@@ -310,6 +310,7 @@ def deriveOutputs(
         "folding_percent": float(metricsLib.folding_percent(result.jacobian, request.fixedMask)),
         "sdlogj": float(metricsLib.sdlogj(result.jacobian, request.fixedMask)),
     }
+    metrics.update(qualityMetrics(result.history))
     if request.method == "network+adapt":
         metrics["adaptation_steps"] = int(request.adaptationSteps)  # per λ knot of the adapted path
     if request.method == "path":
@@ -350,6 +351,32 @@ def deriveOutputs(
     diff = difference(request.fixed, result.warped)
     release_freed_memory()  # the slabs' temporaries, before the caller writes the outputs
     return ComputedRegistration(result, board, diff, warpedLabels, metrics, session)
+
+
+# --------------------------------------------------------------------------------------- quality
+def qualityMetrics(history: dict) -> dict:
+    """The quality signal of an engine result's ``history``, for metrics.json.
+
+    ``rolled_back_stages``: the stages the optimizer rolled back because they did not improve the
+    similarity (``"initialization"``, ``"affine_<level>"``, ``"svf_<level>"``; empty for methods
+    that roll nothing back). When the engine measured them (:mod:`engine.optimize`):
+    ``similarity_before`` (the pair as given, identity transform), ``similarity_after`` (the
+    result), both the similarity loss (lower is better) on the finest deformable level and on the
+    fixed mask when given, and ``improved`` (after < before).
+    """
+    out: dict = {"rolled_back_stages": [key[len("rolled_back_"):] for key in history if key.startswith("rolled_back_")]}
+    if "similarity_before" in history and "similarity_after" in history:
+        out.update(similarity_before=float(history["similarity_before"]), similarity_after=float(history["similarity_after"]),
+                   improved=bool(history["improved"]))
+    return out
+
+
+def qualityWarning(metrics: dict) -> Optional[str]:
+    """One sentence when the result is not better than the start (``metrics["improved"]`` is False), else None."""
+    if metrics.get("improved") is not False:
+        return None
+    return ("not better than the start: similarity {:.4g} before registration, {:.4g} after (lower is better); "
+            "check the images' overlap and the similarity").format(metrics["similarity_before"], metrics["similarity_after"])
 
 
 # --------------------------------------------------------------------------------------- JSON

@@ -91,6 +91,36 @@ def box_mean(x: torch.Tensor, size_vox: Sequence[int]) -> torch.Tensor:
     return out
 
 
+def window_voxels(size_mm: float, spacing: Sequence[float]) -> list[int]:
+    """Odd voxel counts along (X, Y, Z) of a window ``size_mm`` mm wide: per axis the odd number
+    nearest ``size_mm / spacing``, never less than one voxel (so a window narrower than a thick
+    slice stays within the slice instead of spanning three of them).
+
+    Raises:
+        ValueError: if ``size_mm`` or a spacing is not positive.
+    """
+    if not size_mm > 0 or any(not s > 0 for s in spacing):
+        raise ValueError(f"window_voxels() needs a positive size and spacing, got {size_mm} mm and {tuple(spacing)}")
+    return [max(1, 2 * int(math.floor((size_mm / s - 1.0) / 2.0 + 0.5)) + 1) for s in spacing]
+
+
+def shift_replicate(x: torch.Tensor, offset_zyx: Sequence[int]) -> torch.Tensor:
+    """``out[..., z, y, x] = x[..., z + dz, y + dy, x + dx]`` for an integer ``offset_zyx`` = (dz, dy, dx)
+    in voxels, with the border voxels repeated beyond the edge (replicate padding).
+
+    Args:
+        x: (N, C, Z, Y, X) tensor.
+    """
+    _check_5d("shift_replicate() 'x'", x)
+    r = max(abs(int(o)) for o in offset_zyx)
+    if r == 0:
+        return x
+    padded = F.pad(x, [r] * 6, mode="replicate")
+    z, y, w = x.shape[2:]
+    dz, dy, dx = (int(o) + r for o in offset_zyx)
+    return padded[:, :, dz : dz + z, dy : dy + y, dx : dx + w]
+
+
 def spatial_gradient(x: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     """First derivatives per mm by central differences (one-sided at the border).
 

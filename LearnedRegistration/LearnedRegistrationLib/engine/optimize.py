@@ -3,8 +3,11 @@
 Pipeline (all in the fixed image's physical space, RAS mm):
 
 1. **Initialization** (``"com"``: match intensity centres of mass; ``"moments"``: also align the
-   principal axes of the intensity distributions; ``"none"``: identity).
-2. **Affine** (or rigid) optimization on a coarse-to-fine pyramid (``affine_spacings_mm``).
+   principal axes of the intensity distributions; ``"none"``: identity), kept only when it lowers
+   the similarity below the identity's on the first affine level (:func:`_keep_initialization`).
+2. **Affine** (or rigid) optimization on a coarse-to-fine pyramid (``affine_spacings_mm``); its
+   update ``R · diag(s) · (I + H)`` is bounded by its parametrization (:func:`affine_update`:
+   rotation ≤ 30°, scaling within ×/÷ 1.5, shear ≤ 0.25).
 3. **Deformable**: a stationary velocity field ``v`` on the fixed grid, resampled to each level of
    ``deformable_spacings_mm``, integrated by scaling and squaring, optimized with Adam on
 
@@ -25,6 +28,17 @@ full step size whatever the gradient, and on rounding noise it walked away (an i
 to itself moved by 1.2 mm on average, 11 mm at most). For the same reason the matrices that
 sample the moving image are composed in float64 (:func:`_theta`): identical grids and an identity
 affine then sample exactly the same values.
+
+**Anisotropic images**: every level keeps each axis at its own spacing when that is coarser than
+the level's (:meth:`grid.ImageGrid.with_spacing`), the box filter before down-sampling is per axis
+(:func:`_antialias`), the velocity's control grid is ``control_spacing_factor`` times the level's
+finest spacing (:func:`control_grid`: a thick-slice axis keeps its slices), its parameters step the
+same distance in mm along every axis, and the regularizer takes derivatives per mm.
+
+**Quality signal** (``history``): ``similarity_before``, the similarity of the pair as given (the
+identity, before initialization), and ``similarity_after``, that of the result, both measured on
+the finest deformable level (on the fixed mask when given), and ``improved`` (1.0 when after <
+before). :mod:`bridge.compute` puts them in the metrics with ``rolled_back_stages``.
 
 The device is chosen automatically (CUDA when available, else CPU) unless the caller names one.
 A ``cancel`` callable is polled every iteration; ``progress`` gets (fraction, message).
@@ -86,6 +100,17 @@ def _level_grids(grid: ImageGrid, spacings_mm: Sequence[float]) -> list[ImageGri
     return levels
 
 
+def control_grid(level: ImageGrid, factor: float) -> ImageGrid:
+    """The velocity's control grid of a pyramid level: ``factor`` times the level's *finest* spacing
+    on every axis, each axis clipped to the level's own voxel count (:meth:`ImageGrid.with_spacing`).
+
+    A thick-slice axis therefore keeps its slices while the in-plane axes coarsen: on a 0.73 x 0.73
+    x 12 mm cardiac stack at the 2 mm level the control grid is 4 x 4 x 12 mm (it was 24 x 24 x 12 mm
+    when the factor multiplied the *largest* spacing, too coarse for the in-plane motion).
+    """
+    return level.with_spacing(factor * min(level.spacing))
+
+
 # --------------------------------------------------------------------------------- memory
 #: Full-resolution float32 volumes on the fixed grid that a registration leaves: the engine's
 #: warped image, displacement (3 channels), Jacobian and λ map, and what its callers derive from
@@ -102,8 +127,8 @@ _PREPARATION_VOLUMES = 6
 #: The optimizer's working set in bytes per voxel of the finest deformable level (one iteration's
 #: autograd graph) and its fixed part, by similarity: peak-RSS increase of :func:`optimize_velocity`
 #: at 0.9 M and 4.1 M level voxels on 2 CPU threads, rounded up.
-_OPTIMIZER_BYTES_PER_VOXEL = {"mse": 140, "ncc": 170, "ngf": 210, "lncc": 250, "mi": 160}
-_OPTIMIZER_FIXED_BYTES = {"mse": 100e6, "ncc": 100e6, "ngf": 100e6, "lncc": 200e6, "mi": 500e6}
+_OPTIMIZER_BYTES_PER_VOXEL = {"mse": 140, "ncc": 170, "ngf": 210, "lncc": 250, "mi": 160, "mind": 600}
+_OPTIMIZER_FIXED_BYTES = {"mse": 100e6, "ncc": 100e6, "ngf": 100e6, "lncc": 200e6, "mi": 500e6, "mind": 200e6}
 
 
 @dataclass(frozen=True)
@@ -405,56 +430,121 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------------- stages
-def _optimize_affine(
-    fixed_levels, mask_levels, moving_t, moving_grid, init, opts, device, ticker, history
-) -> np.ndarray:
+#: Bounds of the affine stage's update (on top of the initialization), enforced by its
+#: parametrization (:func:`affine_update`). Between subjects the head, heart or abdomen differ in
+#: size by up to about 20 % per axis (intracranial volume 1100-1700 cm³: ±15 % in length) and in pose
+#: by a tilt the initialization leaves of at most 10-20°; within a subject the linear part is nearly
+#: a rotation. Rotation ≤ 30°, scaling in [1/1.5, 1.5] per axis and shear ≤ 0.25 cover both with a
+#: margin, and keep out what no anatomy needs: a moving image shrunk onto a part of the fixed one
+#: (scaling ≤ 0.5), flattened, or turned upside down, which an intensity similarity can prefer on a
+#: small or thick-slice field of view.
+MAX_ROTATION_RAD = math.radians(30.0)
+MAX_SCALE = 1.5
+MAX_SHEAR = 0.25
+#: Adam step of the affine stage's rotation, log-scale and shear parameters (about 0.3 %).
+AFFINE_STEP = 3e-3
+
+
+def _bounded(raw: torch.Tensor, bound: float) -> torch.Tensor:
+    """``bound · tanh(raw / bound)``: the identity near 0 (same gradient), never beyond ±bound."""
+    return bound * torch.tanh(raw / bound)
+
+
+def affine_update(rotation: torch.Tensor, log_scale: Optional[torch.Tensor] = None,
+                  shear: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(3, 3) linear part ``R(ω) · diag(s) · (I + H)`` of the affine stage's update, from unbounded parameters.
+
+    ``ω`` (rotation vector, rad) is ``rotation`` with its norm mapped through :func:`_bounded` to at
+    most :data:`MAX_ROTATION_RAD`; ``s = exp(tanh-bounded log_scale)`` lies in [1/:data:`MAX_SCALE`,
+    :data:`MAX_SCALE`]; ``H`` is strictly upper triangular with the 3 ``shear`` values bounded to
+    ±:data:`MAX_SHEAR`. Without ``log_scale`` and ``shear`` (the rigid model) it is ``R(ω)``. All
+    parameters zero give the identity, and near zero each acts as itself (unit gradient).
+
+    Args:
+        rotation, log_scale, shear: (3,) tensors (any dtype and device, differentiable).
+
+    Returns:
+        (3, 3) tensor; its QR decomposition gives back ``R`` and ``diag(s)(I + H)``.
+    """
+    norm = torch.sqrt((rotation * rotation).sum() + 1e-12)
+    linear = rotation_matrix(rotation * (_bounded(norm, MAX_ROTATION_RAD) / norm))
+    if log_scale is not None:
+        scale = torch.exp(_bounded(log_scale, math.log(MAX_SCALE)))
+        upper = torch.triu(torch.ones(3, 3, dtype=torch.bool, device=rotation.device), diagonal=1)
+        h = torch.zeros(3, 3, dtype=rotation.dtype, device=rotation.device).masked_scatter(upper, _bounded(shear, MAX_SHEAR))
+        linear = linear @ (torch.diag(scale) @ (torch.eye(3, dtype=rotation.dtype, device=rotation.device) + h))
+    return linear
+
+
+class _AffineLevel(NamedTuple):
+    """One level of the affine stage: its grid, the fixed image and mask on it, the moving image
+    anti-aliased to its spacing (on the moving grid)."""
+
+    grid: ImageGrid
+    fixed: torch.Tensor
+    mask: Optional[torch.Tensor]
+    moving: torch.Tensor
+
+
+def _affine_level(fixed_t, mask_t, fixed_grid: ImageGrid, moving_t, moving_grid: ImageGrid, level: ImageGrid) -> _AffineLevel:
+    """The tensors of :class:`_AffineLevel` (the fixed grid and a level grid share the normalized frame)."""
+    identity = torch.eye(3, 4, device=fixed_t.device)
+    return _AffineLevel(
+        level, _to_level(fixed_t, fixed_grid, level, identity),
+        None if mask_t is None else _to_level(mask_t, fixed_grid, level, identity, "nearest"),
+        _antialias(moving_t, moving_grid, level.spacing),
+    )
+
+
+def _affine_similarity(level: _AffineLevel, moving_grid: ImageGrid, affine: torch.Tensor, opts: RegistrationOptions) -> torch.Tensor:
+    """Similarity (loss, lower is better) of the fixed level image and the moving image resampled
+    through the (4, 4) RAS ``affine`` onto the level, on the fixed mask when given."""
+    theta = _theta(moving_grid, affine, level.grid)
+    grid = F.affine_grid(theta.unsqueeze(0), (1, 1, *level.grid.shape), align_corners=ALIGN_CORNERS)
+    warped = grid_sample(level.moving, grid)
+    return similarity_loss(opts.similarity, level.fixed, warped, level.mask, level.grid.spacing, opts.lncc_window_mm)
+
+
+def _optimize_affine(grids: Sequence[ImageGrid], make_level, moving_grid, init, opts, device, ticker, history) -> np.ndarray:
+    """The affine stage on the level ``grids`` (coarse to fine; ``make_level(grid)`` gives each one's
+    :class:`_AffineLevel`, made when it is reached so that one anti-aliased moving image exists at a
+    time), from the (4, 4) RAS affine ``init``; its update is bounded (:func:`affine_update`).
+    Returns the (4, 4) float64 resampling affine, RAS mm."""
     dtype = torch.float32
-    centre = torch.as_tensor(fixed_levels[-1][1].center_ras, dtype=dtype, device=device)
+    centre = torch.as_tensor(grids[-1].center_ras, dtype=dtype, device=device)
     init_t = torch.as_tensor(init, dtype=dtype, device=device)
-    rotvec = torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
-    linear = torch.zeros(3, 3, dtype=dtype, device=device, requires_grad=True)
-    translation = torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
-    params = [translation, rotvec] + ([linear] if opts.affine_model == "affine" else [])
+    translation, rotation, log_scale, shear = (torch.zeros(3, dtype=dtype, device=device, requires_grad=True) for _ in range(4))
+    linear_params = [rotation] + ([log_scale, shear] if opts.affine_model == "affine" else [])
 
     def current() -> torch.Tensor:
-        lin = rotation_matrix(rotvec)
-        if opts.affine_model == "affine":
-            lin = lin + linear
         # the optimized update acts on the fixed side: A = init @ update
-        return init_t @ affine_matrix(lin, translation, centre)
+        return init_t @ affine_matrix(affine_update(*linear_params), translation, centre)
 
-    for (fixed_l, level), mask_l, iters in zip(fixed_levels, mask_levels, opts.affine_iterations):
+    for grid, iters in zip(grids, opts.affine_iterations):
+        level = make_level(grid)
         n_iter = max(1, int(round(iters * opts.iteration_scale)))
-        # translation steps of about a quarter voxel, rotations/shears of about 0.3 %
+        # translation steps of about a quarter voxel, rotations/scalings/shears of about 0.3 %
         optimizer = torch.optim.Adam(
             [
-                {"params": [translation], "lr": 0.25 * min(level.spacing)},
-                {"params": params[1:], "lr": 3e-3},
+                {"params": [translation], "lr": 0.25 * min(level.grid.spacing)},
+                {"params": linear_params, "lr": AFFINE_STEP},
             ]
         )
-        blurred = _antialias(moving_t, moving_grid, level.spacing)
-
-        def evaluate(level=level, blurred=blurred, fixed_l=fixed_l, mask_l=mask_l) -> torch.Tensor:
-            theta = _theta(moving_grid, current(), level)
-            grid = F.affine_grid(theta.unsqueeze(0), (1, 1, *level.shape), align_corners=ALIGN_CORNERS)
-            warped = grid_sample(blurred, grid)
-            return similarity_loss(opts.similarity, fixed_l, warped, mask_l, level.spacing, opts.lncc_window_mm)
-
-        keeper = _StageKeeper(params)
+        keeper = _StageKeeper([translation, *linear_params])
         warm_up = _warm_up(optimizer)
         for _ in range(n_iter):
             optimizer.zero_grad(set_to_none=True)
-            loss = evaluate()
+            loss = _affine_similarity(level, moving_grid, current(), opts)
             keeper.record(loss.item(), loss.item())
             loss.backward()
             optimizer.step()
             warm_up.step()
-            ticker.tick(f"affine {level.shape[::-1]}: loss {loss.item():.4f}")
+            ticker.tick(f"affine {level.grid.shape[::-1]}: loss {loss.item():.4f}")
         with torch.no_grad():
-            loss = evaluate().item()
+            loss = _affine_similarity(level, moving_grid, current(), opts).item()
             keeper.record(loss, loss)
         similarity, rolled_back = keeper.finish("similarity")
-        name = "x".join(map(str, level.shape[::-1]))
+        name = "x".join(map(str, level.grid.shape[::-1]))
         history[f"affine_{name}"] = float(similarity)
         if rolled_back:
             history[f"rolled_back_affine_{name}"] = 1.0
@@ -495,7 +585,10 @@ def optimize_velocity(
         level = pair.levels[index]
         n_iter = max(1, int(round(iters * opts.iteration_scale)))
         control = level.control
-        to_norm = per_channel(1.0 / mm_per_normalized_unit(control.shape), pair.device)  # voxels -> normalized
+        # parameters in units of the control grid's finest spacing on every axis (voxels of an isotropic
+        # grid): Adam's steps are then the same length in mm along each axis, where per-axis voxels
+        # made a thick-slice axis step 10x further (and move across the slices) than the in-plane ones
+        to_norm = per_channel(min(control.spacing) / mm_per_normalized_unit(control.shape, control.spacing), pair.device)
         if velocity_norm is None:
             v_vox = torch.zeros((1, 3, *control.shape), dtype=torch.float32, device=pair.device)
         else:
@@ -809,6 +902,11 @@ def prepare_pair(
                 moving_coarse_grid,
                 opts.initialization,
             )
+            if opts.initialization != "none":
+                first = _level_grids(fixed_grid, opts.affine_spacings_mm or opts.deformable_spacings_mm or (4.0,))[0]
+                first_level = _affine_level(fixed_t, mask_t, fixed_grid, moving_t, moving_grid, first)
+                init = _keep_initialization(first_level, moving_grid, init, opts, history)
+                del first_level
         else:
             init = np.asarray(affine, dtype=np.float64)
         _check_overlap(fixed_t, fixed_grid, moving_grid, init, device)
@@ -817,18 +915,17 @@ def prepare_pair(
 
     affine = init
     if affine_levels:
-        with torch.no_grad():
-            # the fixed grid and a level grid share the normalized frame: theta is the identity
-            fixed_levels = [(_to_level(fixed_t, fixed_grid, level, identity), level) for level in affine_levels]
-            mask_levels = [None if mask_t is None else _to_level(mask_t, fixed_grid, level, identity, "nearest")
-                           for level in affine_levels]
-        affine = _optimize_affine(fixed_levels, mask_levels, moving_t, moving_grid, init, opts, device, ticker, history)
+        def make_level(grid: ImageGrid) -> _AffineLevel:
+            with torch.no_grad():
+                return _affine_level(fixed_t, mask_t, fixed_grid, moving_t, moving_grid, grid)
+
+        affine = _optimize_affine(affine_levels, make_level, moving_grid, init, opts, device, ticker, history)
 
     levels = []
     with torch.no_grad():
         affine_t = torch.as_tensor(affine, dtype=torch.float32, device=device)
         for grid in deform_levels:
-            control = grid.with_spacing(opts.control_spacing_factor * max(grid.spacing))
+            control = control_grid(grid, opts.control_spacing_factor)
             levels.append(PyramidLevel(
                 grid=grid,
                 control=control,
@@ -838,7 +935,59 @@ def prepare_pair(
                 weight=resize_field(_to_level(_ones_like_grid(fixed_grid, device) if lam_t is None else lam_t,
                                               fixed_grid, grid, identity), control.shape),
             ))
+    with torch.no_grad():
+        quality = levels[-1] if levels else _affine_level(fixed_t, mask_t, fixed_grid, moving_t, moving_grid, _level_grids(
+            fixed_grid, opts.affine_spacings_mm or (4.0,))[-1])
+        history.update(_similarity_before(quality, fixed_t, fixed_grid, moving_t, moving_grid, mask_t, opts))
+        if not levels:  # the affine is the result
+            history.update(quality_signal(history["similarity_before"], _affine_similarity(
+                quality, moving_grid, torch.as_tensor(affine, dtype=torch.float32, device=device), opts).item()))
     return PreparedPair(opts, device, fixed, fixed_grid, moving, moving_grid, lam_map, affine, levels, ticker, history, start)
+
+
+def _keep_initialization(level: _AffineLevel, moving_grid: ImageGrid, init: np.ndarray, opts: RegistrationOptions,
+                         history: dict) -> np.ndarray:
+    """``init`` when it lowers the similarity below the identity's on ``level`` (the first affine
+    level, as the affine stage measures it, on the fixed mask when given), else the identity; the
+    similarities go to ``history`` (``initialization``, and ``rolled_back_initialization`` = 1)."""
+    device = level.fixed.device
+    before = _affine_similarity(level, moving_grid, torch.eye(4, device=device), opts).item()
+    after = _affine_similarity(level, moving_grid, torch.as_tensor(init, dtype=torch.float32, device=device), opts).item()
+    if after < before:
+        history["initialization"] = after
+        return init
+    history["initialization"] = before
+    history["rolled_back_initialization"] = 1.0
+    return np.eye(4)
+
+
+def _similarity_before(level, fixed_t, fixed_grid, moving_t, moving_grid, mask_t, opts) -> dict:
+    """``{"similarity_before": ...}``: the similarity of the pair as given (the identity transform,
+    before initialization) on the finest deformable level (:class:`PyramidLevel` or, without a
+    deformable stage, the finest affine level), on the fixed mask when given: the reference of the
+    quality signal (:func:`quality_signal`)."""
+    grid = level.grid
+    moving = _to_level(moving_t, moving_grid, grid, _theta(moving_grid, torch.eye(4, device=moving_t.device), grid))
+    return {"similarity_before": float(similarity_loss(opts.similarity, level.fixed, moving, level.mask, grid.spacing,
+                                                       opts.lncc_window_mm).item())}
+
+
+def quality_signal(before: float, after: float) -> dict:
+    """The quality signal in ``history``: ``similarity_after`` and ``improved`` (1.0 when the result's
+    similarity is lower, i.e. better, than ``similarity_before``, else 0.0)."""
+    return {"similarity_after": float(after), "improved": float(after < before)}
+
+
+def result_similarity(pair: PreparedPair, velocity: Optional[torch.Tensor]) -> float:
+    """The result's similarity on the finest deformable level, measured as :func:`_similarity_before`:
+    the moving image through the affine and ``exp(velocity)`` (None: the affine alone)."""
+    level = pair.levels[-1]
+    moving = level.moving
+    if velocity is not None:
+        displacement = integrate_svf(velocity, pair.options.svf_steps)
+        moving = warp(moving, resize_field(displacement, level.grid.shape))
+    return float(similarity_loss(pair.options.similarity, level.fixed, moving, level.mask, level.grid.spacing,
+                                 pair.options.lncc_window_mm).item())
 
 
 def finish_registration(pair: PreparedPair, velocity: Optional[torch.Tensor], lam: float) -> RegistrationResult:
@@ -855,6 +1004,8 @@ def finish_registration(pair: PreparedPair, velocity: Optional[torch.Tensor], la
             u = integrate_svf(velocity, pair.options.svf_steps)
         else:  # the affine alone: a zero displacement on the smallest grid of the fixed image's extent
             u = torch.zeros((1, 3, 2, 2, 2), dtype=torch.float32, device=pair.device)
+        if pair.levels and pair.levels[-1] is not None:
+            pair.history.update(quality_signal(pair.history["similarity_before"], result_similarity(pair, velocity)))
     sampler = FixedGridSampler(fixed_grid, fixed_grid, pair.affine, pair.moving_grid, pair.device)
     moving = torch.as_tensor(pair.moving, device=pair.device)[None, None]
     outputs = FixedGridOutputs(sampler, moving, u, lam, pair.lambda_map)

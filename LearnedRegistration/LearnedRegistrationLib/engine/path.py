@@ -62,7 +62,7 @@ from .common import (
 )
 from .fields import FixedGridOutputs, FixedGridSampler
 from .grid import ImageGrid
-from .optimize import optimize_velocity, prepare_pair, seeded
+from .optimize import optimize_velocity, prepare_pair, quality_signal, result_similarity, seeded
 from .transforms import integrate_svf
 from .weightmap import WeightMap, WeightMapOptions
 
@@ -244,8 +244,17 @@ class PathEvaluation(FixedGridOutputs):
             device=str(path.device),
             regularization_weight=self.lam,
             similarity=path.similarity,
-            history=dict(path.history, time_predict_s=time.perf_counter() - self.started),
+            history=self._history(),
         )
+
+    def _history(self) -> dict:
+        """The path's history; its quality signal (``similarity_after``, ``improved``) only at the λ
+        where it was measured (the reference knot, ``similarity_after_lambda``)."""
+        history = dict(self.path.history, time_predict_s=time.perf_counter() - self.started)
+        if history.pop("similarity_after_lambda", None) != self.lam:
+            history.pop("similarity_after", None)
+            history.pop("improved", None)
+        return history
 
 
 def _grid_state(grid: ImageGrid) -> dict:
@@ -334,9 +343,12 @@ def _register_path(fixed, fixed_grid, moving, moving_grid, options, path, fixed_
                                               f"λ = {knots[index]:g}", weight_map=weights,
                                               learning_rate_vox=path.knot_learning_rate_vox, keep="objective")
     learned = None
-    if weights is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if weights is not None:
             learned = weights.normalized(control.shape)
+        # the quality signal at the reference knot's λ (PathEvaluation.result reports it there only)
+        pair.history.update(quality_signal(pair.history["similarity_before"], result_similarity(pair, velocities[ref_index])))
+        pair.history["similarity_after_lambda"] = reference
     result = LambdaPath(knots, velocities, control, fixed_grid, pair.moving, moving_grid, pair.affine, learned,
                         pair.lambda_map, pair.options.svf_steps, pair.options.similarity, pair.device)
     result.history = {k: v for k, v in pair.history.items() if isinstance(v, float)}
