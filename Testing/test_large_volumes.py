@@ -236,3 +236,17 @@ def test_a_registration_that_fits_is_not_refused(monkeypatch, demo):
     monkeypatch.setenv(MEMORY_LIMIT_ENV, f"{1.01 * need / 1e9:.6f}")
     result = register_images(demo.fixed, demo.fixed_grid, demo.moving, demo.moving_grid, options)
     assert result.warped.shape == demo.fixed_grid.shape
+
+
+def test_read_only_inputs_reach_torch_without_a_copy_or_a_warning():
+    """The logic hands the engine read-only views of Slicer's voxels (one volume less each)."""
+    import warnings
+
+    from LearnedRegistrationLib.engine.common import volume_tensor
+
+    image = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    image.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = volume_tensor(image)
+    assert tensor.shape == (1, 1, 2, 3, 4) and np.shares_memory(tensor.numpy(), image)

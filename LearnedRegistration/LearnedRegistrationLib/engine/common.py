@@ -247,6 +247,22 @@ def validate_volume(name: str, image: np.ndarray, grid: ImageGrid) -> np.ndarray
     return image
 
 
+def volume_tensor(image: np.ndarray, device=None) -> torch.Tensor:
+    """(1, 1, Z, Y, X) tensor of a (Z, Y, X) array, sharing its memory on the CPU, read-only arrays included.
+
+    The logic hands the engine read-only views of Slicer's voxels (:func:`bridge.mrml.arrayFromVolumeNode`
+    with ``copy=False``); the engine never writes its inputs, so torch's warning about non-writable
+    arrays is silenced here instead of copying a volume.
+    """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(image, device=device)[None, None]
+
+
 def normalize_intensity(image: np.ndarray) -> np.ndarray:
     """Robust rescale to about [0, 1] (0.5th-99.5th percentile), so losses and κ have a known scale.
 

@@ -70,6 +70,7 @@ from .common import (
     normalize_intensity,
     release_freed_memory,
     validate_volume,
+    volume_tensor,
     z_slabs,
 )
 from .fields import FixedGridOutputs, FixedGridSampler
@@ -1007,7 +1008,7 @@ def finish_registration(pair: PreparedPair, velocity: Optional[torch.Tensor], la
         if pair.levels and pair.levels[-1] is not None:
             pair.history.update(quality_signal(pair.history["similarity_before"], result_similarity(pair, velocity)))
     sampler = FixedGridSampler(fixed_grid, fixed_grid, pair.affine, pair.moving_grid, pair.device)
-    moving = torch.as_tensor(pair.moving, device=pair.device)[None, None]
+    moving = volume_tensor(pair.moving, pair.device)
     outputs = FixedGridOutputs(sampler, moving, u, lam, pair.lambda_map)
     return RegistrationResult(
         fixed_grid=fixed_grid,

@@ -59,6 +59,7 @@ from .common import (
     RegistrationOptions,
     RegistrationResult,
     release_freed_memory,
+    volume_tensor,
 )
 from .fields import FixedGridOutputs, FixedGridSampler
 from .grid import ImageGrid
@@ -143,7 +144,7 @@ class LambdaPath:
         self.user_lambda_map = user_lambda_map
         self.svf_steps, self.similarity, self.device = int(svf_steps), similarity, torch.device(device)
         self.moving = np.ascontiguousarray(moving, dtype=np.float32)
-        self._moving = torch.as_tensor(self.moving, device=self.device)[None, None]
+        self._moving = volume_tensor(self.moving, self.device)
         self._sampler = FixedGridSampler(fixed_grid, fixed_grid, self.affine_ras, moving_grid, self.device)
         self.history: dict = {}
 

@@ -46,6 +46,7 @@ from ..engine.common import (
     choose_device,
     normalize_intensity,
     validate_volume,
+    volume_tensor,
 )
 from ..engine.fields import FixedGridSampler, warp_and_displacement
 from ..engine.filters import box_mean
@@ -89,7 +90,7 @@ def smooth_for_spacing(image: np.ndarray, grid: ImageGrid, spacing_mm: float) ->
     if max(width) <= 1:
         return image
     with torch.no_grad():
-        return box_mean(torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))[None, None], width)[0, 0].numpy()
+        return box_mean(volume_tensor(np.ascontiguousarray(image, dtype=np.float32)), width)[0, 0].numpy()
 
 
 def to_working_grid(image: np.ndarray, grid: ImageGrid, work: ImageGrid, affine_ras=None, normalize: bool = True) -> np.ndarray:
@@ -202,7 +203,7 @@ class NetworkRegistration:
         """Cache what every λ needs: the moving image as a tensor and the sampler of the network's
         coarse fields at the fixed voxels (:class:`engine.fields.FixedGridSampler`)."""
         self._sampler = FixedGridSampler(self.fixed_grid, self.work, self.affine_ras, self.moving_grid, self.device)
-        self.moving_tensor = torch.as_tensor(np.ascontiguousarray(self.moving, dtype=np.float32), device=self.device)[None, None]
+        self.moving_tensor = volume_tensor(np.ascontiguousarray(self.moving, dtype=np.float32), self.device)
 
     # ----------------------------------------------------------------------------------- predict
     @torch.no_grad()
