@@ -93,7 +93,9 @@ class RegistrationOptions:
         iteration_scale: multiplies every iteration count (``0.25`` for a quick preview).
         lncc_window_mm: LNCC window edge in mm.
         svf_steps: scaling-and-squaring steps.
-        learning_rate_vox: Adam step of the velocity, in voxels of the current level.
+        learning_rate_vox: Adam step of the velocity, in units of the control grid's finest spacing
+            on every axis (voxels of an isotropic grid), so that a step is as long in mm along a
+            thick-slice axis as in-plane (:func:`optimize.optimize_velocity`).
         smoothing_sigma_vox: Gaussian smoothing of the velocity parameters each iteration (a
             preconditioner in the manner of ConvexAdam's instance optimization).
         control_spacing_factor: the velocity of each level lives on a grid this many times

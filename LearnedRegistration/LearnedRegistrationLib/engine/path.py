@@ -80,9 +80,10 @@ class PathOptions:
         knot_iterations: Adam steps on the finest level for each knot above the reference one
             (towards more regularization); the knots below it get half as many (towards less
             regularization the continuation converges faster: measured, module docstring).
-        knot_learning_rate_vox: Adam step (voxels) of those knots: half the optimizer's, because a
-            warm start is near its optimum and Adam's first steps have the full step size whatever
-            the gradient (with the optimizer's 0.5 they overshoot; module docstring).
+        knot_learning_rate_vox: Adam step of those knots, in the units of the optimizer's
+            ``learning_rate_vox``: half the optimizer's, because a warm start is near its optimum
+            and Adam's first steps have the full step size whatever the gradient (with the
+            optimizer's 0.5 they overshoot; module docstring).
         spatially_varying: learn a λ(x) map (:mod:`weightmap`) with the reference knot.
         weight_map: its settings.
     """
