@@ -57,13 +57,19 @@ def points_to_displacement(mapped_points_ras: np.ndarray, grid: ImageGrid) -> np
 
 
 def foreground_mask(image: np.ndarray, fraction: float = 0.1) -> np.ndarray:
-    """Foreground of a scan: above ``min + fraction * (p99 - min)``, holes filled (bool, same shape)."""
+    """Foreground of a scan: above ``min + fraction * (p99 - min)``, closed, holes filled (bool, same shape).
+
+    The closing runs on a copy padded by replicating the border: scipy's erosion treats the outside
+    as background, which wiped every slice but the middle one of a 5-slice cardiac stack (the
+    mask then scored one slice in five) and two slices at each end of the CT slab.
+    """
     from scipy import ndimage
 
     image = np.asarray(image, dtype=np.float32)
     lo, hi = float(image.min()), float(np.percentile(image, 99))
     mask = image > lo + fraction * (hi - lo)
-    mask = ndimage.binary_closing(mask, iterations=2)
+    pad = 2
+    mask = ndimage.binary_closing(np.pad(mask, pad, mode="edge"), iterations=pad)[(slice(pad, -pad),) * mask.ndim]
     return ndimage.binary_fill_holes(mask)
 
 
