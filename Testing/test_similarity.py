@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from LearnedRegistrationLib.app.demo import make_demo_pair
+from LearnedRegistrationLib.engine import optimize, similarity
 from LearnedRegistrationLib.engine.common import SIMILARITIES, RegistrationOptions
 from LearnedRegistrationLib.engine.filters import window_voxels
 from LearnedRegistrationLib.engine.metrics import displacement_error
@@ -24,6 +25,7 @@ from LearnedRegistrationLib.engine.similarity import (
     mutual_information,
     similarity_loss,
 )
+from LearnedRegistrationLib.engine.transforms import resize_field, warp
 
 
 def smooth_volume(shape=(6, 7, 8), seed=0, dtype=torch.float64) -> torch.Tensor:
@@ -96,6 +98,43 @@ def test_mutual_information_gradcheck():
     # a fixed intensity range: with each image's own min/max the bins move with the extreme voxels,
     # which the analytic gradient treats as constants
     assert torch.autograd.gradcheck(lambda w: mutual_information(fixed, w, bins=8, intensity_range=(0.0, 2.0)), (warped,))
+
+
+@pytest.mark.parametrize("name, shape, stride, samples", [
+    ("mi", (10, 12, 14), (1, 1, 1), None), ("mi", (30, 33, 36), (1, 1, 1), 5000), ("mi", (30, 33, 36), (2, 1, 3), 2000),
+    ("mse", (10, 12, 14), (1, 1, 1), None), ("mse", (30, 33, 36), (2, 2, 2), None), ("ncc", (30, 33, 36), (1, 3, 2), None),
+])
+def test_a_pointwise_similarity_at_its_samples_equals_the_full_warp(monkeypatch, name, shape, stride, samples):
+    """The optimizer measures a pointwise similarity on a lattice of voxels only (the displacement
+    read there by separable interpolation, the moving image sampled there; nothing up-sampled or
+    warped everywhere): the same loss and gradient as the full warp on those voxels (MI also at
+    its own flat stride through them, with ``samples``)."""
+    max_samples = samples or similarity.MI_MAX_SAMPLES
+    monkeypatch.setattr(optimize, "mi_sample_stride", lambda voxels: similarity.mi_sample_stride(voxels, max_samples))
+    fixed, moving = smooth_volume(shape, 7, torch.float32), smooth_volume(shape, 8, torch.float32)
+    mask = (smooth_volume(shape, 9, torch.float32) > 0.9).float()
+    g = torch.Generator().manual_seed(3)
+    displacement = (0.05 * torch.randn((1, 3, 5, 6, 7), generator=g)).requires_grad_()
+    warped = warp(moving, resize_field(displacement, shape))
+
+    def lattice(x):
+        return x[:, :, ::stride[0], ::stride[1], ::stride[2]]
+
+    if name == "mi":
+        full = mutual_information(lattice(fixed), lattice(warped), lattice(mask), max_samples=max_samples)
+    else:
+        full = similarity_loss(name, lattice(fixed), lattice(warped), lattice(mask))
+    (full_grad,) = torch.autograd.grad(full, displacement)
+    sampled = optimize.sampled_similarity(name, fixed, moving, displacement, mask, stride)
+    (sampled_grad,) = torch.autograd.grad(sampled, displacement)
+    assert math.isclose(sampled.item(), full.item(), rel_tol=1e-5, abs_tol=1e-6)
+    torch.testing.assert_close(sampled_grad, full_grad, atol=1e-3 * full_grad.abs().max().item(), rtol=1e-3)
+
+
+def test_sampled_similarity_refuses_a_neighbourhood_similarity():
+    volume = smooth_volume((6, 6, 6), 1, torch.float32)
+    with pytest.raises(ValueError, match="pointwise"):
+        optimize.sampled_similarity("lncc", volume, volume, torch.zeros(1, 3, 3, 3, 3), None, (2, 2, 2))
 
 
 # --- MIND-SSC -------------------------------------------------------------------------------------

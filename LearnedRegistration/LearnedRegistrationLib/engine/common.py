@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 #: Names of the similarity measures (:func:`similarity.similarity_loss`).
 SIMILARITIES = ("mse", "lncc", "ncc", "ngf", "mi", "mind")
+#: Similarities that are sums over voxels of a function of the two intensities (NCC and MI through
+#: their sums and histogram): they can be evaluated on a sample of voxels (``native_final_level``).
+POINTWISE_SIMILARITIES = ("mse", "ncc", "mi")
 
 #: The similarity for each situation, "same-modality" (the default) and "multimodal", chosen by
 #: measurement on scripts/benchmark.py's pairs (ours at the default λ, mean displacement error):
@@ -100,6 +103,12 @@ class RegistrationOptions:
             preconditioner in the manner of ConvexAdam's instance optimization).
         control_spacing_factor: the velocity of each level lives on a grid this many times
             coarser than the level (1 = same grid).
+        native_final_level: with a pointwise similarity (:data:`POINTWISE_SIMILARITIES`), the
+            finest deformable level measures the similarity at the fixed image's own resolution,
+            on a fixed stride of as many voxels as the level has, instead of on images
+            down-sampled to the level's spacing; its velocity keeps the level's control grid, so a
+            step costs about the same (:func:`optimize.prepare_pair`). Fixed images of more than
+            :data:`optimize.NATIVE_LEVEL_MAX_VOXELS` voxels keep the down-sampled level.
         jacobian_penalty: γ, weight of the penalty on non-positive Jacobian determinants.
         histogram_matching: with "mse", map the moving intensities onto the fixed image's
             histogram first (Nyúl & Udupa style quantile matching, SimpleITK), as demons does;
@@ -122,6 +131,7 @@ class RegistrationOptions:
     learning_rate_vox: float = 0.5
     smoothing_sigma_vox: float = 0.0
     control_spacing_factor: float = 2.0
+    native_final_level: bool = True
     jacobian_penalty: float = 1.0
     histogram_matching: bool = True
     device: Optional[str] = None

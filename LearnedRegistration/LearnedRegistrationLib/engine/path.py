@@ -321,7 +321,8 @@ def _register_path(fixed, fixed_grid, moving, moving_grid, options, path, fixed_
     ref_index = knots.index(reference)
     steps = [path.knot_iterations] * (len(knots) - ref_index - 1) + [max(1, path.knot_iterations // 2)] * ref_index
     pair = prepare_pair(fixed, fixed_grid, moving, moving_grid, options, fixed_mask, lambda_map, progress, cancel,
-                        extra_iterations=sum(max(1, int(round(n * options.iteration_scale))) for n in steps), affine=affine)
+                        extra_iterations=sum(max(1, int(round(n * options.iteration_scale))) for n in steps), affine=affine,
+                        reference_lambda=reference)
     if not pair.levels:
         raise ValueError("a λ path needs deformable levels (deformable_spacings_mm is empty)")
     finest = len(pair.levels) - 1
@@ -329,8 +330,13 @@ def _register_path(fixed, fixed_grid, moving, moving_grid, options, path, fixed_
     control = pair.levels[finest].control
     starts = [None] * len(knots) if start is None else [start(k, control) for k in knots]
     velocities: list = [None] * len(knots)
-    velocities[ref_index] = optimize_velocity(pair, reference, range(len(pair.levels)), pair.options.deformable_iterations,
-                                              starts[ref_index], weight_map=weights, learn_weight_map=True)
+    # the affine check ran the first level at the reference λ: continue from there, unless the
+    # reference knot starts elsewhere or learns its λ(x) map along on every level
+    first = 1 if pair.coarse_velocity is not None and start is None and weights is None else 0
+    velocities[ref_index] = optimize_velocity(pair, reference, range(first, len(pair.levels)),
+                                              pair.options.deformable_iterations[first:],
+                                              pair.coarse_velocity if first else starts[ref_index],
+                                              weight_map=weights, learn_weight_map=True)
     # the other knots use the finest level only: let the coarser ones go
     pair.levels[:finest] = [None] * finest
     # Continuation: towards larger λ from the reference, then towards smaller λ.

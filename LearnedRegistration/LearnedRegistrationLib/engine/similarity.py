@@ -200,12 +200,22 @@ def mind(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor]
     return _masked_mean(difference.mean(dim=1, keepdim=True), mask)
 
 
+#: At most this many voxels enter the MI histogram (:func:`mi_sample_stride`).
+MI_MAX_SAMPLES = 200_000
+
+
+def mi_sample_stride(voxels: int, max_samples: int = MI_MAX_SAMPLES) -> int:
+    """The stride through a flattened volume of ``voxels`` voxels at which :func:`mutual_information`
+    takes its samples (every voxel when there are at most ``max_samples``)."""
+    return max(1, int(voxels) // int(max_samples))
+
+
 def mutual_information(
     fixed: torch.Tensor,
     warped: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
     bins: int = 32,
-    max_samples: int = 200_000,
+    max_samples: int = MI_MAX_SAMPLES,
     intensity_range: Optional[tuple[float, float]] = None,
 ) -> torch.Tensor:
     """Negative normalized mutual information ``-(H(F) + H(W)) / H(F, W)`` in [-2, -1].
@@ -227,23 +237,29 @@ def mutual_information(
     _check_pair("mutual_information", fixed, warped, mask)
     if bins < 2:
         raise ValueError(f"mutual_information() needs at least 2 bins, got {bins}")
-    size = bins + 3  # bin positions -1 .. bins + 1: the cubic kernels' spill past both ends
     losses = []
     for b in range(fixed.shape[0]):
-        stride = max(1, fixed[b].numel() // max_samples)
+        stride = mi_sample_stride(fixed[b].numel(), max_samples)
         f = fixed[b].reshape(-1)[::stride]
         w = warped[b].reshape(-1)[::stride]
         wt = None if mask is None else mask[b].reshape(-1)[::stride]
-        f_first, f_weights = _cubic_parzen(f, bins, intensity_range)
-        w_first, w_weights = _cubic_parzen(w, bins, intensity_range)
-        joint = f.new_zeros(size * size)
-        for i, f_weight in enumerate(f_weights):
-            row = f_weight if wt is None else f_weight * wt
-            for j, w_weight in enumerate(w_weights):
-                joint = joint.index_add(0, (f_first + i) * size + w_first + j, row * w_weight)
-        joint = (joint / joint.sum().clamp_min(1e-12)).view(size, size)
+        f_parzen = _parzen_matrix(f, bins, intensity_range)
+        if wt is not None:
+            f_parzen = f_parzen * wt[:, None]
+        joint = f_parzen.T @ _parzen_matrix(w, bins, intensity_range)
+        joint = joint / joint.sum().clamp_min(1e-12)
         losses.append(-(_entropy(joint.sum(1)) + _entropy(joint.sum(0))) / _entropy(joint))
     return torch.stack(losses).mean()
+
+
+def _parzen_matrix(x: torch.Tensor, bins: int, intensity_range: Optional[tuple[float, float]]) -> torch.Tensor:
+    """(N, bins + 3) Parzen weights of the N intensities ``x`` (:func:`_cubic_parzen`): row n holds
+    its 4 kernel weights from its first bin on, zeros elsewhere. The joint histogram of two images
+    is then one matrix product, ``A.T @ B``, whose backward is two more: on a 2 mm brain level 3x
+    faster than 16 scattered adds (``index_add``) and their backward."""
+    first, weights = _cubic_parzen(x, bins, intensity_range)
+    columns = first.long()[:, None] + torch.arange(4, device=x.device)
+    return x.new_zeros(x.shape[0], bins + 3).scatter(1, columns, torch.stack(weights, dim=1))
 
 
 def _cubic_parzen(x: torch.Tensor, bins: int, intensity_range: Optional[tuple[float, float]]):
