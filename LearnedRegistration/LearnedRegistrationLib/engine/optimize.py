@@ -7,7 +7,8 @@ Pipeline (all in the fixed image's physical space, RAS mm):
    the similarity below the identity's on the first affine level (:func:`_keep_initialization`).
 2. **Affine** (or rigid) optimization on a coarse-to-fine pyramid (``affine_spacings_mm``); its
    update ``R · diag(s) · (I + H)`` is bounded by its parametrization (:func:`affine_update`:
-   rotation ≤ 30°, scaling within ×/÷ 1.5, shear ≤ 0.25).
+   rotation ≤ 30°, scaling within ×/÷ 1.5, shear ≤ 0.25), and kept only when the coarsest
+   deformable level ends clearly better from it than from its start (:func:`_check_affine`).
 3. **Deformable**: a stationary velocity field ``v`` on the fixed grid, resampled to each level of
    ``deformable_spacings_mm``, integrated by scaling and squaring, optimized with Adam on
 
@@ -16,7 +17,9 @@ Pipeline (all in the fixed image's physical space, RAS mm):
    where ``λ ∈ [0, 1]`` is the user's regularization weight (the HyperMorph convention, Hoopes et
    al., IPMI 2021: 0 = similarity only, 1 = no deformation), ``λ(x)`` an optional per-voxel map in
    [0, 1] (Chen et al., spatially varying regularization), ``κ`` a fixed per-similarity calibration
-   that puts the default λ in the useful range, and ``γ`` a small penalty on folding.
+   that puts the default λ in the useful range, and ``γ`` a small penalty on folding. With MSE
+   the finest level measures the similarity on a lattice of the fixed image's own voxels
+   (:func:`native_stride`, :func:`sampled_similarity`).
 
 **Never worse than the stage before** (:class:`_StageKeeper`): each stage (the affine stage at
 each level, the SVF stage at each level) evaluates its similarity at its start and once after its
@@ -59,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
+    NATIVE_LEVEL_SIMILARITIES,
     POINTWISE_SIMILARITIES,
     SLAB_VOXELS,
     CancelCallback,
@@ -115,7 +119,7 @@ def native_stride(fixed_grid: ImageGrid, level: ImageGrid, options: Registration
     measured on the fixed image's own grid (``options.native_final_level``): on each axis the level's
     spacing over the fixed image's, rounded, so that the lattice has about the level's voxel count;
     (1, 1, 1) (the level's own down-sampled images) when the option is off, the similarity is not
-    pointwise, no axis of the fixed grid is finer than the level's or it has more than
+    one of :data:`common.NATIVE_LEVEL_SIMILARITIES`, no axis of the fixed grid is finer than the level's or it has more than
     :data:`NATIVE_LEVEL_MAX_VOXELS` voxels.
 
     Why: the similarity of a 2 mm level cannot see sub-voxel misalignment of 1 mm images; on the
@@ -123,7 +127,7 @@ def native_stride(fixed_grid: ImageGrid, level: ImageGrid, options: Registration
     from 0.33 to 0.20 mm, and OASIS Dice rose by 0.005 to 0.010.
     """
     ones = (1, 1, 1)
-    if (not options.native_final_level or options.similarity not in POINTWISE_SIMILARITIES
+    if (not options.native_final_level or options.similarity not in NATIVE_LEVEL_SIMILARITIES
             or int(np.prod(fixed_grid.shape)) > NATIVE_LEVEL_MAX_VOXELS):
         return ones
     # spacing along (I, J, K) = (X, Y, Z); strides in array order (Z, Y, X)
