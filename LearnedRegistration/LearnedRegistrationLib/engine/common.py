@@ -28,11 +28,12 @@ if TYPE_CHECKING:
 #: Names of the similarity measures (:func:`similarity.similarity_loss`).
 SIMILARITIES = ("mse", "lncc", "ncc", "ngf", "mi", "mind")
 #: Similarities that are sums over voxels of a function of the two intensities (NCC and MI through
-#: their sums and histogram): they can be evaluated on a sample of voxels (``native_final_level``).
+#: their sums and histogram): they can be measured on a sample of voxels (:func:`optimize.sampled_similarity`).
 POINTWISE_SIMILARITIES = ("mse", "ncc", "mi")
 #: Similarities whose finest level is measured at the images' own resolution (``native_final_level``):
-#: MSE only, where it was measured to help (OASIS Dice +0.005/+0.010, synthetic brain 0.34 -> 0.19 mm);
-#: MI lost 0.036 Dice on OASIS with it (its histogram of unsmoothed 1 mm intensities), NCC is unmeasured.
+#: MSE only, where it was measured to help (full benchmark: OASIS Dice +0.009 both ways, synthetic
+#: brain 0.34 -> 0.19 mm); MI lost 0.036 Dice on OASIS with it (its histogram of unsmoothed 1 mm
+#: intensities); NCC was not measured.
 NATIVE_LEVEL_SIMILARITIES = ("mse",)
 
 #: The similarity for each situation, "same-modality" (the default) and "multimodal", chosen by
@@ -109,7 +110,8 @@ class RegistrationOptions:
             coarser than the level (1 = same grid).
         native_final_level: with MSE (:data:`NATIVE_LEVEL_SIMILARITIES`), the
             finest deformable level measures the similarity at the fixed image's own resolution,
-            on a fixed stride of as many voxels as the level has, instead of on images
+            on a lattice of about as many voxels as the level has (every 2nd voxel per axis of a
+            1 mm image at the 2 mm level, :func:`optimize.native_stride`), instead of on images
             down-sampled to the level's spacing; its velocity keeps the level's control grid, so a
             step costs about the same (:func:`optimize.prepare_pair`). Fixed images of more than
             :data:`optimize.NATIVE_LEVEL_MAX_VOXELS` voxels keep the down-sampled level.

@@ -50,10 +50,9 @@ A ``cancel`` callable is polled every iteration; ``progress`` gets (fraction, me
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
@@ -86,8 +85,10 @@ from .regularization import diffusion, negative_jacobian_penalty, weighted_diffu
 from .similarity import REGULARIZATION_SCALE, mi_sample_stride, similarity_loss
 from .transforms import (
     affine_matrix,
+    field_on_lattice,
     grid_sample,
     integrate_svf,
+    lattice_points,
     normalized_to_mm,
     per_channel,
     resize_field,
@@ -119,12 +120,12 @@ def native_stride(fixed_grid: ImageGrid, level: ImageGrid, options: Registration
     measured on the fixed image's own grid (``options.native_final_level``): on each axis the level's
     spacing over the fixed image's, rounded, so that the lattice has about the level's voxel count;
     (1, 1, 1) (the level's own down-sampled images) when the option is off, the similarity is not
-    one of :data:`common.NATIVE_LEVEL_SIMILARITIES`, no axis of the fixed grid is finer than the level's or it has more than
-    :data:`NATIVE_LEVEL_MAX_VOXELS` voxels.
+    one of :data:`common.NATIVE_LEVEL_SIMILARITIES`, no axis of the fixed grid is finer than the
+    level's, or it has more than :data:`NATIVE_LEVEL_MAX_VOXELS` voxels.
 
-    Why: the similarity of a 2 mm level cannot see sub-voxel misalignment of 1 mm images; on the
-    1 mm synthetic brain the mean error fell from 0.34 to 0.19 mm, on the thick-slice cardiac pair
-    from 0.33 to 0.20 mm, and OASIS Dice rose by 0.005 to 0.010.
+    Why: the similarity of a 2 mm level cannot see sub-voxel misalignment of 1 mm images. Measured
+    in the full benchmark (``scripts/benchmark.py``, against the run before): synthetic brain 0.34 ->
+    0.19 mm mean error, thick-slice cardiac 0.33 -> 0.21 mm, OASIS Dice +0.009 both ways.
     """
     ones = (1, 1, 1)
     if (not options.native_final_level or options.similarity not in NATIVE_LEVEL_SIMILARITIES
@@ -132,8 +133,7 @@ def native_stride(fixed_grid: ImageGrid, level: ImageGrid, options: Registration
         return ones
     # spacing along (I, J, K) = (X, Y, Z); strides in array order (Z, Y, X)
     ratio = np.asarray(level.spacing, dtype=np.float64) / np.asarray(fixed_grid.spacing, dtype=np.float64)
-    stride = tuple(int(max(1, round(r))) for r in ratio[::-1])
-    return stride if stride != ones else ones
+    return tuple(int(max(1, round(r))) for r in ratio[::-1])
 
 
 def control_grid(level: ImageGrid, factor: float) -> ImageGrid:
@@ -341,7 +341,9 @@ def _to_level(
         return grid_sample(image, grid, mode)
     out = image.new_empty((1, image.shape[1], *level.shape))
 
-    def axis(n: int) -> torch.Tensor:  # normalized voxel centres, as affine_grid puts them (align_corners)
+    def axis(n: int) -> torch.Tensor:
+        # the voxel centres bit for bit as affine_grid puts them (linspace), so that identical grids
+        # still sample exactly; slab_theta's rescaled z, or arange arithmetic, would round off them
         return torch.linspace(-1.0, 1.0, n, dtype=theta.dtype, device=theta.device) if n > 1 else theta.new_zeros(1)
 
     z_all, y, x = (axis(n) for n in level.shape)
@@ -774,52 +776,13 @@ def svf_objective(
     return SvfObjective(loss, sim, reg)
 
 
-@functools.lru_cache(maxsize=16)
-def _linear_weights(size_out: int, stride: int, size_in: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(n, size_in) linear-interpolation weights, ``align_corners``: row k reads a field of
-    ``size_in`` samples at voxel ``k * stride`` of a ``size_out``-voxel axis of the same extent
-    (n = ceil(size_out / stride)); cached (treat as read-only)."""
-    position = torch.arange(0, size_out, stride, dtype=torch.float64)
-    position = position * ((size_in - 1) / (size_out - 1)) if size_out > 1 else position * 0.0
-    low = position.floor().clamp(max=max(size_in - 2, 0)).long()
-    frac = (position - low).to(torch.float64)
-    weights = torch.zeros(len(position), size_in, dtype=torch.float64)
-    rows = torch.arange(len(position))
-    weights[rows, low] = 1.0 - frac
-    if size_in > 1:
-        weights[rows, low + 1] += frac
-    return weights.to(device=device, dtype=dtype)
-
-
-def _field_on_lattice(field: torch.Tensor, shape: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
-    """(1, C, n_z, n_y, n_x): ``field`` (1, C, z, y, x), trilinearly read at every ``stride``-th voxel
-    of a (Z, Y, X) = ``shape`` grid of the same extent; with stride 1 what ``resize_field`` gives.
-    Trilinear interpolation is separable: three small matrix products, whose backward is cheap too
-    (a gather by ``grid_sample`` at those points took 3x longer, most of it in its backward)."""
-    wz, wy, wx = (_linear_weights(int(n), int(s), int(m), field.device, field.dtype)
-                  for n, s, m in zip(shape, stride, field.shape[2:]))
-    out = field @ wx.T  # (1, C, z, y, n_x)
-    out = (out.transpose(-1, -2) @ wy.T).transpose(-1, -2)  # (1, C, z, n_y, n_x)
-    return torch.einsum("kz,bczyx->bckyx", wz, out)
-
-
-@functools.lru_cache(maxsize=8)
-def _lattice_points(shape: tuple, stride: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(1, n_z, n_y, n_x, 3) normalized positions (x, y, z; ``align_corners``) of every
-    ``stride``-th voxel of a (Z, Y, X) grid; cached (treat as read-only)."""
-    axes = [torch.arange(0, n, s, device=device, dtype=dtype) * (2.0 / (n - 1)) - 1.0 if n > 1
-            else torch.zeros(1, device=device, dtype=dtype) for n, s in zip(shape, stride)]
-    z, y, x = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack([x, y, z], dim=-1).unsqueeze(0)
-
-
 def sampled_similarity(name: str, fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor,
                        mask: Optional[torch.Tensor], stride: Sequence[int] = (1, 1, 1)) -> torch.Tensor:
     """A pointwise similarity (:data:`common.POINTWISE_SIMILARITIES`) of ``fixed`` and ``moving``
     warped by ``displacement``, measured on the lattice of every ``stride``-th voxel only.
 
     The displacement (normalized, on its own coarser grid of the same extent) is read at the
-    lattice (:func:`_field_on_lattice`) and the moving image sampled there, instead of up-sampling
+    lattice (:func:`transforms.field_on_lattice`) and the moving image sampled there, instead of up-sampling
     the displacement to the whole grid and warping every voxel; the values are the same
     (``align_corners`` trilinear), so with stride 1 the loss equals the full computation's. MI then
     keeps at most :data:`similarity.MI_MAX_SAMPLES` of the lattice's voxels, on its own flat stride
@@ -840,8 +803,8 @@ def sampled_similarity(name: str, fixed: torch.Tensor, moving: torch.Tensor, dis
     stride = tuple(int(s) for s in stride)
     shape = tuple(fixed.shape[2:])
     z, y, x = (slice(None, None, s) for s in stride)
-    u = _field_on_lattice(displacement, shape, stride).permute(0, 2, 3, 4, 1)  # (1, n_z, n_y, n_x, 3)
-    points = _lattice_points(shape, stride, fixed.device, displacement.dtype) + u
+    u = field_on_lattice(displacement, shape, stride).permute(0, 2, 3, 4, 1)  # (1, n_z, n_y, n_x, 3)
+    points = lattice_points(shape, stride, fixed.device, displacement.dtype) + u
     f = fixed[:, :, z, y, x]
     m = None if mask is None else mask[:, :, z, y, x]
     if name == "mi":  # MI's own flat stride through the lattice
@@ -1001,8 +964,8 @@ def prepare_pair(
     deformable iterations a caller runs beyond one pass over the pyramid, e.g. more λ knots). With
     ``affine`` (a (4, 4) resampling affine found before), initialization and the affine stage are
     skipped. After an affine stage that moved, the coarsest deformable level is run from both its
-    start and its result at ``reference_lambda`` (default: the options' λ) and the affine with the
-    lower objective is kept (:func:`_check_affine`); that level's velocity is then
+    start and its result at ``reference_lambda`` (default: the options' λ), and the affine is kept
+    only when its run ends clearly better (:func:`_check_affine`); that level's velocity is then
     ``coarse_velocity``, for the caller to continue at that λ.
 
     Raises:
@@ -1135,15 +1098,16 @@ def _keep_initialization(level: _AffineLevel, moving_grid: ImageGrid, init: np.n
 AFFINE_CHECK_MARGIN = 0.1
 
 
-def _check_affine(pair: PreparedPair, before: np.ndarray, make_level, lam: float) -> None:
+def _check_affine(pair: PreparedPair, before: np.ndarray, make_level: Callable[[np.ndarray], PyramidLevel],
+                  lam: float) -> None:
     """Keep the affine stage's result (``pair.affine``) only when the deformable registration is
     clearly better from it than from the stage's start ``before``.
 
     The affine stage is judged on what it is for: the coarsest deformable level (``make_level(A)``
     gives it for an affine A) is optimized at weight ``lam`` from each, ending at objectives
     ``e_affine`` and ``e_start`` (similarity and regularization on the same fixed image and mask).
-    Against the objective of a perfect match, ``b = (1 - λ) · sim(fixed, fixed)`` (0 for MSE, -1
-    for NCC, -H(fixed) for MI), the affine is kept when
+    Against the objective of a perfect match, ``b = (1 - λ) · sim(fixed, fixed)`` (0 for MSE and
+    MIND, -1 for NCC and LNCC, -2 for the normalized MI), the affine is kept when
     ``e_affine - b < (1 - AFFINE_CHECK_MARGIN) · (e_start - b)``: a scale- and sign-free test.
 
     Why: an affine can lower the affine similarity by absorbing part of a local deformation as a
@@ -1193,10 +1157,9 @@ def _level_similarity(level, moving: torch.Tensor, velocity: Optional[torch.Tens
     ``exp(velocity)`` (None: as it is), measured as the optimizer measures it on that level: at its
     voxel sample when it has one (:func:`sampled_similarity`), so that a full-size level never
     warps every voxel."""
-    stride = getattr(level, "stride", (1, 1, 1))
+    stride = level.stride if isinstance(level, PyramidLevel) else (1, 1, 1)  # an _AffineLevel: its images
     if stride != (1, 1, 1):
-        control = (1, 3, 2, 2, 2) if velocity is None else None
-        displacement = torch.zeros(control, device=moving.device) if velocity is None else integrate_svf(velocity, opts.svf_steps)
+        displacement = moving.new_zeros((1, 3, 2, 2, 2)) if velocity is None else integrate_svf(velocity, opts.svf_steps)
         return float(sampled_similarity(opts.similarity, level.fixed, moving, displacement, level.mask, stride).item())
     if velocity is not None:
         moving = warp(moving, resize_field(integrate_svf(velocity, opts.svf_steps), level.grid.shape))

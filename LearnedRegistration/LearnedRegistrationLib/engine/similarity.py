@@ -223,13 +223,13 @@ def mutual_information(
     Normalized form of Studholme et al. (Pattern Recognit. 1999) on a differentiable Parzen-window
     joint histogram with cubic B-spline kernels (Mattes et al., IEEE TMI 2003; Thévenaz & Unser,
     IEEE TIP 2000): each voxel adds its weight to the 4 x 4 bins around its (fixed, warped)
-    intensity pair, so the histogram costs O(samples) scattered adds (``index_add``) instead of
-    O(samples x bins) Gaussians (about 40x faster on a 2 mm brain), and stays smooth in the
-    intensities. Intensities are rescaled to bin positions [0, bins - 1] with each image's own
+    intensity pair (a product of two sparse Parzen-weight matrices, :func:`_parzen_matrix`), so the
+    histogram costs O(samples x bins) multiply-adds of sparse rows instead of one Gaussian per
+    sample and bin pair (about 40x faster on a 2 mm brain), and stays smooth in the intensities. Intensities are rescaled to bin positions [0, bins - 1] with each image's own
     min/max (treated as constants), or with ``intensity_range`` (lo, hi) for both when given; the
     kernels spill one bin past either end. At most ``max_samples`` voxels enter the histogram, on a
-    fixed stride through the volume (deterministic, so that the stage keeper compares like with
-    like; elastix and ANTs likewise sample a subset).
+    fixed stride through the volume (:func:`mi_sample_stride`; deterministic, so that the stage
+    keeper compares like with like; elastix and ANTs likewise sample a subset).
 
     Raises:
         ValueError: for mismatched shapes (see :func:`mse`) or ``bins < 2``.
@@ -255,8 +255,8 @@ def mutual_information(
 def _parzen_matrix(x: torch.Tensor, bins: int, intensity_range: Optional[tuple[float, float]]) -> torch.Tensor:
     """(N, bins + 3) Parzen weights of the N intensities ``x`` (:func:`_cubic_parzen`): row n holds
     its 4 kernel weights from its first bin on, zeros elsewhere. The joint histogram of two images
-    is then one matrix product, ``A.T @ B``, whose backward is two more: on a 2 mm brain level 3x
-    faster than 16 scattered adds (``index_add``) and their backward."""
+    is then one matrix product, ``A.T @ B`` (the same values as 16 scattered adds, in about the
+    same time: 48 against 44 ms forward and backward for 200 000 samples on 2 CPU threads)."""
     first, weights = _cubic_parzen(x, bins, intensity_range)
     columns = first.long()[:, None] + torch.arange(4, device=x.device)
     return x.new_zeros(x.shape[0], bins + 3).scatter(1, columns, torch.stack(weights, dim=1))
